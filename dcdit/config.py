@@ -1,0 +1,199 @@
+"""Typed model configs, the preset table, and strict construction from plain dicts.
+
+`ModelConfig` describes both architectures (DiT with a fixed patchify, DC-DiT with a learned router); presets
+are one visible table. `from_dict` rejects unknown keys with a suggestion, wrong types and bad values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dcdit.errors import DCDiTError, did_you_mean
+
+Arch = Literal["dit", "dcdit"]
+RouterKind = Literal["predictability", "cosine"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """One model: the DiT trunk plus, for DC-DiT, the chunking scaffold around it."""
+
+    arch: Arch
+    depth: int
+    hidden_size: int
+    num_heads: int
+    input_size: int = 32  # latent (or pixel) grid side: 32 for 256px ImageNet latents
+    in_channels: int = 4
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    mlp_ratio: float = 4.0
+    # DiT only: side of the square patch of the fixed patchify.
+    patch_size: int = 2
+    # DC-DiT only.
+    downsample_factor: float = 4.0  # target compression N: the router aims to keep 1/N of the tokens
+    router: RouterKind = "predictability"
+    encoder_blocks: int = 2
+    decoder_blocks: int = 2
+    scaffold_width: int | None = None  # encoder/decoder width; None = hidden_size // 4
+    dechunk_sigma: float = 1.0  # grid units; the paper suggests 2.0 at 512px
+    cond_adaptor: bool = False  # upcycling: trainable LayerNorm on the conditioning fed to the scaffold
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def scaffold_channels(self) -> int:
+        return self.scaffold_width or self.hidden_size // 4
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens entering the backbone for DiT; grid positions routed over for DC-DiT."""
+        if self.arch == "dit":
+            return (self.input_size // self.patch_size) ** 2
+        return self.input_size**2
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return from_dict(ModelConfig, {**dataclasses.asdict(self), **changes})
+
+    def validate(self) -> None:
+        _check(self.depth >= 1, "depth", self.depth, "must be >= 1")
+        _check(self.hidden_size % self.num_heads == 0, "hidden_size", self.hidden_size,
+               f"must be divisible by num_heads={self.num_heads}")
+        _check((self.hidden_size // self.num_heads) % 2 == 0, "num_heads", self.num_heads,
+               "must leave an even head dimension")
+        _check(self.hidden_size % 4 == 0, "hidden_size", self.hidden_size,
+               "must be divisible by 4 (2D sin-cos position embedding)")
+        _check(self.input_size >= 1, "input_size", self.input_size, "must be >= 1")
+        _check(self.num_classes >= 1, "num_classes", self.num_classes, "must be >= 1")
+        _check(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob", self.class_dropout_prob,
+               "must be in [0, 1)")
+        if self.arch == "dit":
+            _check(self.input_size % self.patch_size == 0, "patch_size", self.patch_size,
+                   f"must divide input_size={self.input_size}")
+        else:
+            _check(self.downsample_factor > 1.0, "downsample_factor", self.downsample_factor,
+                   "must be > 1 (the target compression N)")
+            _check(self.dechunk_sigma > 0.0, "dechunk_sigma", self.dechunk_sigma, "must be > 0")
+            _check(self.encoder_blocks >= 1 and self.decoder_blocks >= 1, "encoder_blocks",
+                   (self.encoder_blocks, self.decoder_blocks), "need at least one encoder and decoder block")
+            _check(self.scaffold_channels % 4 == 0, "scaffold_width", self.scaffold_channels,
+                   "must be divisible by 4 (the router works at a quarter of it)")
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise DCDiTError(f"model.{key}={value!r} {rule}")
+
+
+# The preset table. DiT sizes from Peebles & Xie; DC-DiT sizes from arXiv 2603.06351 (scaffold at d/4).
+_SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    **{f"DiT-{s}/{p}": dict(arch="dit", patch_size=p, **size) for s, size in _SIZES.items() for p in (2, 4, 8)},
+    **{f"DC-DiT-{s}": dict(arch="dcdit", **size) for s, size in _SIZES.items()},
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The config of a named preset ("DiT-B/2", "DC-DiT-XL"), with keyword overrides validated."""
+    if name not in PRESETS:
+        raise DCDiTError(f"unknown model preset {name!r}{did_you_mean(name, PRESETS)}; "
+                         f"choose one of {', '.join(PRESETS)}")
+    return from_dict(ModelConfig, {**PRESETS[name], **overrides})
+
+
+def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "model") -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys, wrong types and values `validate` refuses.
+
+    Nested dataclass fields are built recursively; `prefix` names the position in the config tree in errors.
+    """
+    if not isinstance(data, dict):
+        raise DCDiTError(f"{prefix} must be a mapping of keys to values, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise DCDiTError(f"unknown config key '{prefix}.{key}'{did_you_mean(key, fields)}")
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise DCDiTError(f"missing required config key '{prefix}.{missing[0]}'")
+    values = {key: _coerce(value, hints[key], f"{prefix}.{key}") for key, value in data.items()}
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a type hint, accepting ints for floats and lists for tuples."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, prefix=where)
+    if origin is Literal:
+        if value not in args:
+            raise DCDiTError(f"{where}={value!r} must be one of {', '.join(map(repr, args))}"
+                             f"{did_you_mean(str(value), map(str, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except DCDiTError as err:
+                errors.append(str(err))
+        raise DCDiTError(errors[0] if errors else f"{where}={value!r} has the wrong type")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise DCDiTError(f"{where}={value!r} must be a list")
+        item = args[0] if args else Any
+        return (tuple if origin is tuple else list)(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise DCDiTError(f"{where}={value!r} must be a mapping")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DCDiTError(f"{where}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise DCDiTError(f"{where}={value!r} must be finite")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DCDiTError(f"{where}={value!r} must be an integer")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise DCDiTError(f"{where}={value!r} must be true or false")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise DCDiTError(f"{where}={value!r} must be a string")
+        return value
+    return value
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain-dict form of a config dataclass (JSON and YAML friendly)."""
+    return dataclasses.asdict(obj)
+
+
+__all__ = ["ModelConfig", "PRESETS", "preset", "from_dict", "to_dict"]

@@ -1,0 +1,20 @@
+"""The one user-facing error type of the project.
+
+Anything a user can fix (a bad config key, a wrong shape, a corrupt checkpoint, missing weights) raises
+`DCDiTError` with a one-line message naming the problem and the fix; the CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class DCDiTError(Exception):
+    """A problem the user can fix; the message says what and how."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,0 +1,24 @@
+"""Model zoo: the DiT baseline and DC-DiT, built from a `ModelConfig`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from dcdit.config import ModelConfig, preset
+from dcdit.models.dcdit import DCDiT
+from dcdit.models.dit import DiT
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The model a config describes (DiT or DC-DiT), freshly initialised."""
+    return DiT(config) if config.arch == "dit" else DCDiT(config)
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """A preset by name ("DiT-B/2", "DC-DiT-S"), e.g. create_model("DiT-B/2", input_size=32, num_classes=1000)."""
+    return build_model(preset(name, **overrides))
+
+
+__all__ = ["DiT", "DCDiT", "build_model", "create_model"]

@@ -1,0 +1,211 @@
+"""Dynamic chunking: the routers, hard chunking with tail dropping, de-chunk smoothing, plug-back, the STE gate
+and the ratio loss (arXiv 2603.06351, sections on the router and de-chunk).
+
+Everything here runs in float32 whatever the surrounding autocast: boundary probabilities near 0.5 decide which
+tokens exist, and bf16 rounding there would flip them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dcdit.models.attention import Packing
+
+P_CLAMP = 1e-4  # de-chunk clamps p to [P_CLAMP, 1 - P_CLAMP] so neither term of the mix vanishes exactly
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    """GroupNorm with `groups` groups, or the largest divisor of `channels` below it for narrow test models."""
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
+class PredictabilityRouter(nn.Module):
+    """v2 spatial-predictability router: a token is a boundary when its neighbours do not predict it."""
+
+    def __init__(self, dim: int, downsample_factor: float):
+        super().__init__()
+        inner = dim // 4
+        self.project = nn.Conv2d(dim, inner, kernel_size=1)
+        self.predict = nn.Conv2d(inner, inner, kernel_size=3, padding=1)
+        self.scorer = nn.Sequential(
+            nn.Conv2d(inner, inner, kernel_size=3, padding=1), group_norm(inner, 8), nn.SiLU(),
+            nn.Conv2d(inner, 1, kernel_size=1))
+        self.downsample_factor = downsample_factor
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Start near the target: sigmoid(bias) = 1/N (-1.1 at N = 4, the release's value).
+        nn.init.constant_(self.scorer[-1].bias, -math.log(self.downsample_factor - 1.0))
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """(B, d, H, W) -> boundary logits (B, H*W)."""
+        z = self.project(grid)
+        residual = z - self.predict(z)
+        return self.scorer(residual).flatten(1)
+
+
+class CosineRouter(nn.Module):
+    """v1 2D cosine router: p = (1 - q . mean of the 8 neighbours' keys) / 2, keys and queries l2-normalised."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # H-Net starts both projections at the identity: p then measures raw feature change.
+        nn.init.eye_(self.q_proj.weight)
+        nn.init.eye_(self.k_proj.weight)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """(B, d, H, W) -> (B, H*W) boundary probabilities (not logits)."""
+        b, d, h, w = grid.shape
+        tokens = grid.flatten(2).transpose(1, 2)
+        q = F.normalize(self.q_proj(tokens), dim=-1)
+        k = F.normalize(self.k_proj(tokens), dim=-1).transpose(1, 2).reshape(b, d, h, w)
+        ring = torch.ones(1, 1, 3, 3, device=grid.device, dtype=grid.dtype)
+        ring[..., 1, 1] = 0
+        neighbour_sum = F.conv2d(k.reshape(b * d, 1, h, w), ring, padding=1).reshape(b, d, h * w)
+        neighbour_count = F.conv2d(torch.ones(1, 1, h, w, device=grid.device, dtype=grid.dtype), ring, padding=1)
+        k_bar = (neighbour_sum / neighbour_count.reshape(1, 1, h * w)).transpose(1, 2)
+        return ((1 - (q * k_bar).sum(-1)) / 2).clamp(0.0, 1.0)
+
+
+def boundary_probs(router: nn.Module, grid: torch.Tensor) -> torch.Tensor:
+    """Router output as probabilities with the first and last token forced to be kept (p = 1)."""
+    out = router(grid)
+    p = out if isinstance(router, CosineRouter) else torch.sigmoid(out)
+    ones = torch.ones_like(p[:, :1])
+    return torch.cat([ones, p[:, 1:-1], ones], dim=1) if p.shape[1] > 1 else ones
+
+
+def tail_drop_mask(mask: torch.Tensor, probs: torch.Tensor, rho: float | torch.Tensor | None) -> torch.Tensor:
+    """Elastic inference: of each sample's kept tokens, drop the floor(rho * kept) with the lowest p.
+
+    `rho` is a scalar or a per-sample (B,) tensor in [0, 1). Ties in p drop the earlier token in raster order.
+    """
+    if rho is None:
+        return mask
+    rho = torch.as_tensor(rho, dtype=torch.float64, device=mask.device).expand(mask.shape[0])
+    if bool(((rho < 0) | (rho >= 1)).any()):
+        raise ValueError(f"tail-drop fraction must be in [0, 1), got {rho.tolist()}")
+    kept = mask.sum(1)
+    # The small epsilon keeps floor(0.3 * 10) at 3 despite 0.3 * 10 = 3.0000000000000004 style rounding.
+    n_drop = torch.floor(rho * kept.double() + 1e-9).long()
+    scores = torch.where(mask, probs.detach(), torch.full_like(probs, float("inf")))
+    rank = torch.argsort(torch.argsort(scores, dim=1, stable=True), dim=1)
+    return mask & (rank >= n_drop[:, None])
+
+
+@dataclass
+class Routing:
+    """What the router decided for a batch; returned by DC-DiT next to its prediction."""
+
+    probs: torch.Tensor  # (B, L) float32 boundary probabilities, first and last forced to 1
+    router_mask: torch.Tensor  # (B, L) bool, p > 0.5: the chunking before tail dropping (the ratio loss uses it)
+    mask: torch.Tensor  # (B, L) bool, the tokens the backbone actually ran on
+    grid_size: tuple[int, int]
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """(B,) tokens each sample's backbone ran on."""
+        return self.mask.sum(1)
+
+    @property
+    def kept_fraction(self) -> torch.Tensor:
+        """(B,) fraction of grid positions kept after tail dropping."""
+        return self.mask.float().mean(1)
+
+    @property
+    def compression(self) -> torch.Tensor:
+        """Realised compression of the batch: grid positions per kept token."""
+        return self.mask.numel() / self.mask.sum().clamp_min(1)
+
+
+def kept_coordinates(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat indices into (B*L), grid positions (T,) and (row, col) float coordinates (T, 2) of kept tokens."""
+    flat = mask.reshape(-1).nonzero().squeeze(1)  # raster order within each sample, samples in order
+    position = flat % mask.shape[1]
+    coords = torch.stack([position // width, position % width], dim=1).float()
+    return flat, position, coords
+
+
+def pad_packed(x: torch.Tensor, packing: Packing) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, ...) packed rows -> (B, max_len, ...) zero-padded and the (B, max_len) validity mask."""
+    slot = torch.arange(x.shape[0], device=x.device) - packing.cu_seqlens.long()[packing.sample_index]
+    padded = x.new_zeros(packing.batch_size, packing.max_len, *x.shape[1:])
+    padded[packing.sample_index, slot] = x
+    valid = torch.zeros(packing.batch_size, packing.max_len, dtype=torch.bool, device=x.device)
+    valid[packing.sample_index, slot] = True
+    return padded, valid
+
+
+def dechunk_smooth(h: torch.Tensor, p: torch.Tensor, coords: torch.Tensor, packing: Packing,
+                   sigma: float) -> torch.Tensor:
+    """De-chunk smoothing over each sample's kept tokens (float32).
+
+    W_ij = exp(-|u_i - u_j|^2 / (2 sigma^2)) p_j, rows normalised; out_i = p_i h_i + (1 - p_i) sum_j W~_ij h_j.
+    A confident boundary keeps its own features; an uncertain one borrows from confident spatial neighbours.
+    """
+    p = p.float().clamp(P_CLAMP, 1 - P_CLAMP)
+    hp, valid = pad_packed(h.float(), packing)
+    pp, _ = pad_packed(p, packing)
+    up, _ = pad_packed(coords, packing)
+    dist2 = torch.cdist(up, up).square()
+    weights = torch.exp(-dist2 / (2 * sigma**2)) * (pp * valid)[:, None, :]
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    smoothed = torch.bmm(weights, hp)
+    out = pp[..., None] * hp + (1 - pp[..., None]) * smoothed
+    return out[valid]
+
+
+def nearest_kept(mask: torch.Tensor, height: int, width: int, packing: Packing,
+                 max_elements: int = 1 << 26) -> torch.Tensor:
+    """(B, L) index into the packed kept tokens of each grid position's spatially nearest kept token.
+
+    Euclidean distance on the grid; ties go to the earliest kept token in raster order. Batched in slices so
+    the (B, L, M) distance tensor stays below `max_elements`.
+    """
+    b, length = mask.shape
+    rows, cols = torch.div(torch.arange(length, device=mask.device), width, rounding_mode="floor"), \
+        torch.arange(length, device=mask.device) % width
+    grid = torch.stack([rows, cols], 1).float()
+    _, _, coords = kept_coordinates(mask, width)
+    kept_coords, valid = pad_packed(coords, packing)
+    start = packing.cu_seqlens.long()[:-1]
+    step = max(1, max_elements // max(1, length * packing.max_len))
+    out = torch.empty(b, length, dtype=torch.long, device=mask.device)
+    for lo in range(0, b, step):
+        hi = min(b, lo + step)
+        # Integer grid coordinates make squared distances exact in float32, so ties are real ties.
+        d2 = (grid[None, :, None, :] - kept_coords[lo:hi, None, :, :]).square().sum(-1)
+        d2 = d2.masked_fill(~valid[lo:hi, None, :], float("inf"))
+        out[lo:hi] = d2.argmin(-1) + start[lo:hi, None]
+    return out
+
+
+def straight_through_one(x: torch.Tensor) -> torch.Tensor:
+    """Exactly 1 in the forward pass, identity gradient to x in the backward pass."""
+    return 1.0 + (x - x.detach())
+
+
+def ratio_loss(router_mask: torch.Tensor, probs: torch.Tensor, downsample_factor: float,
+               group_size: int = 16) -> torch.Tensor:
+    """Switch-style ratio loss averaged over groups of `group_size` samples (the last group may be smaller).
+
+    L = N/(N-1) * ((1 - r)(1 - p_bar) + (N - 1) r p_bar), r = mean hard mask, p_bar = mean p, per group.
+    It is 1 at r = p_bar = 1/N and only p_bar carries gradient: the hard mask is a count.
+    """
+    n = float(downsample_factor)
+    losses = []
+    for start in range(0, router_mask.shape[0], group_size):
+        r = router_mask[start:start + group_size].float().mean()
+        p_bar = probs[start:start + group_size].float().mean()
+        losses.append(n / (n - 1) * ((1 - r) * (1 - p_bar) + (n - 1) * r * p_bar))
+    return torch.stack(losses).mean()

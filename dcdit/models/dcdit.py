@@ -1,0 +1,148 @@
+"""DC-DiT: patch-1 embed -> conv encoder -> router/chunk -> DiT blocks on kept tokens -> de-chunk -> conv decoder.
+
+The forward pass reads in the order of the paper (arXiv 2603.06351 v2, section "Model"); `forward` returns the
+prediction and, on request, the `Routing` that produced it.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dcdit.config import ModelConfig
+from dcdit.models.attention import Packing
+from dcdit.models.chunking import (CosineRouter, PredictabilityRouter, Routing, boundary_probs, dechunk_smooth,
+                                   group_norm, kept_coordinates, nearest_kept, straight_through_one, tail_drop_mask)
+from dcdit.models.dit import ConditionedBackbone, FinalLayer, grid_sincos, zero_adaln
+
+
+class ResBlock(nn.Module):
+    """SD/LDM conv residual block conditioned on c: GroupNorm, SiLU, conv, + projected c, GroupNorm, SiLU, conv.
+
+    The block computes at the narrower of its two widths and changes width in the conv on the wide side (conv2
+    when widening, conv1 when narrowing): this reproduces the paper's parameter counts (34.7M ... 689M), which a
+    d x d conv inside the widening block would exceed by 2-3.5%.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, cond_size: int):
+        super().__init__()
+        mid = min(in_channels, out_channels)
+        self.norm1 = group_norm(in_channels, 32)
+        self.conv1 = nn.Conv2d(in_channels, mid, 3, padding=1)
+        self.cond_proj = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, mid))
+        self.norm2 = group_norm(mid, 32)
+        self.conv2 = nn.Conv2d(mid, out_channels, 3, padding=1)
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        # LDM zero-initialises the last conv so each block starts as its skip path.
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.cond_proj(c)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+def scaffold_widths(width: int, hidden: int, blocks: int, encoder: bool) -> list[tuple[int, int]]:
+    """(in, out) channels of the scaffold blocks: the encoder's last block widens to d, the decoder's first narrows."""
+    widths = [(width, width)] * blocks
+    if encoder:
+        widths[-1] = (width, hidden)
+    else:
+        widths[0] = (hidden, width)
+    return widths
+
+
+class DCDiT(ConditionedBackbone):
+    """Dynamic Chunking DiT: the DiT backbone runs only on the tokens a learned router keeps."""
+
+    def __init__(self, config: ModelConfig):
+        if config.arch != "dcdit":
+            raise ValueError(f"DCDiT needs arch='dcdit', got {config.arch!r}")
+        config.validate()
+        super().__init__(config)
+        d, w, side = config.hidden_size, config.scaffold_channels, config.input_size
+        self.cond_adaptor = nn.LayerNorm(d) if config.cond_adaptor else nn.Identity()
+        self.x_embedder = nn.Conv2d(config.in_channels, w, kernel_size=3, padding=1)
+        self.encoder = nn.ModuleList(ResBlock(i, o, d) for i, o in scaffold_widths(w, d, config.encoder_blocks, True))
+        self.encoder_norm = nn.RMSNorm(d, eps=1e-6)
+        self.residual_proj = nn.Linear(d, d)
+        self.router = (PredictabilityRouter(d, config.downsample_factor) if config.router == "predictability"
+                       else CosineRouter(d))
+        self.register_buffer("pos_table", grid_sincos(d, side, side), persistent=False)
+        self.decoder = nn.ModuleList(ResBlock(i, o, d) for i, o in scaffold_widths(w, d, config.decoder_blocks, False))
+        self.decoder_norm = nn.RMSNorm(w, eps=1e-6)
+        self.final_layer = FinalLayer(w, 1, config.out_channels, cond_size=d)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        self.init_backbone()
+        zero_adaln(self.blocks, self.final_layer)
+        # The residual branch starts closed: at init the decoder sees only the de-chunked backbone output.
+        nn.init.zeros_(self.residual_proj.weight)
+        nn.init.zeros_(self.residual_proj.bias)
+        self.router.reset_parameters()  # after the backbone's xavier pass, which also visits the router's linears
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+                tail_drop: float | torch.Tensor | None = None, return_routing: bool = False,
+                force_drop_ids: torch.Tensor | None = None):
+        """Predict (B, out_channels, H, W) from latents x (B, C, H, W); with return_routing, also the Routing."""
+        b, _, height, width = x.shape
+        if height * width != self.pos_table.shape[0]:
+            raise ValueError(f"DC-DiT built for a {self.config.input_size}x{self.config.input_size} grid "
+                             f"got input of shape {tuple(x.shape)}")
+        c = self.condition(t, y, force_drop_ids)
+        c_scaffold = self.cond_adaptor(c)
+
+        # 1. Encoder at full resolution (patch size 1), ending in an RMSNorm over d channels.
+        grid = self.x_embedder(x)
+        for block in self.encoder:
+            grid = block(grid, c_scaffold)
+        tokens = self.encoder_norm(grid.flatten(2).transpose(1, 2))  # (B, L, d)
+        d = tokens.shape[-1]
+
+        # 2-4. Residual branch, router and hard chunking in float32.
+        with _fp32(x.device):
+            tokens32 = tokens.float()
+            residual = self.residual_proj(tokens32)
+            probs = boundary_probs(self.router, tokens32.transpose(1, 2).reshape(b, d, height, width))
+            router_mask = probs > 0.5
+            mask = tail_drop_mask(router_mask, probs, tail_drop)
+        flat, position, coords = kept_coordinates(mask, width)
+        packing = Packing.from_lengths(mask.sum(1))
+        kept = tokens.reshape(b * height * width, d).index_select(0, flat)
+        # Positions at each kept token's original grid coordinate, added just before the DiT blocks.
+        kept = kept + self.pos_table.index_select(0, position).to(kept.dtype)
+
+        # 5. The DiT backbone on the packed variable-length sequences.
+        kept = self.run_blocks(kept, c, packing)
+
+        # 6-7. De-chunk smoothing, nearest plug-back, STE gate and the residual, in float32.
+        with _fp32(x.device):
+            p_kept = probs.reshape(-1).index_select(0, flat)
+            smoothed = dechunk_smooth(kept.float(), p_kept, coords, packing, self.config.dechunk_sigma)
+            source = nearest_kept(mask, height, width, packing)
+            full = smoothed.index_select(0, source.reshape(-1)).view(b, height * width, d)
+            gate = straight_through_one(torch.where(mask, probs, 1 - probs))
+            tokens = full * gate[..., None] + residual
+
+        # 8. Decoder mirrors the encoder, then the DiT final layer at patch size 1.
+        grid = tokens.transpose(1, 2).reshape(b, d, height, width).to(grid.dtype)
+        for block in self.decoder:
+            grid = block(grid, c_scaffold)
+        out_tokens = self.final_layer(self.decoder_norm(grid.flatten(2).transpose(1, 2)), c_scaffold)
+        out = out_tokens.transpose(1, 2).reshape(b, self.config.out_channels, height, width)
+        if not return_routing:
+            return out
+        return out, Routing(probs=probs, router_mask=router_mask, mask=mask, grid_size=(height, width))
+
+
+def _fp32(device: torch.device):
+    """A region where autocast is off, so router and de-chunk arithmetic stays in float32."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()

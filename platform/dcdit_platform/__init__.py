@@ -1,0 +1,1 @@
+"""Orchestration for dcdit: Ray Train/Tune, MLflow tracking, storage, evaluation and reports."""

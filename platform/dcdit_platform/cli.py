@@ -1,0 +1,46 @@
+"""The `dcdit` command: one sub-command per module, user errors as one line and a non-zero exit.
+
+Each command module exposes `register(subparsers)`, which adds its parser and sets `func` to a callable taking
+the parsed arguments and returning the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from dcdit.errors import DCDiTError
+
+# Modules under dcdit_platform.commands, in the order `dcdit --help` lists them.
+COMMAND_MODULES = ("flops", "bench", "data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcdit", description="Dynamic Chunking Diffusion Transformers platform")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"dcdit_platform.commands.{name}").register(subparsers)
+    return parser
+
+
+def print_json(obj) -> None:
+    """The machine-readable summary: one JSON object on the last line of stdout."""
+    print(json.dumps(obj, sort_keys=True, default=str), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DCDiTError as err:
+        print(f"dcdit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dcdit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

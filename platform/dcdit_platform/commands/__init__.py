@@ -1,0 +1,1 @@
+"""Sub-commands of the `dcdit` CLI, one module each."""
