@@ -1,0 +1,84 @@
+"""Shared fixtures: real services started once per session (S3-compatible server, local Ray cluster).
+
+Keep one section per service; fixtures that start something are session-scoped and cleaned up at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- S3: moto's threaded server on 127.0.0.1, spoken to over HTTP by s3fs/pyarrow/boto3 -----------------------
+S3_BUCKET = "dcdit-test"
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never wait on an instance-metadata lookup
+}
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str  # http://127.0.0.1:PORT
+    bucket: str
+    env: dict
+
+    def uri(self, name: str = "") -> str:
+        """A fresh s3:// prefix in the test bucket (unique per call, so tests never see each other's files)."""
+        return f"s3://{self.bucket}/{name or 'x'}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server for the whole session, with one bucket; sets the AWS_* variables in os.environ.
+
+    The variables are set process-wide (not per test) so that Ray workers started later inherit them.
+    """
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's HTTP server logs every request otherwise
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**_S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
+    try:
+        yield S3Server(endpoint=endpoint, bucket=S3_BUCKET, env=env)
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --- Ray: one local cluster per session ----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """A local Ray instance with 2 CPUs (started after the S3 server so workers inherit its AWS_* variables)."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(num_cpus=2, log_to_driver=False, logging_level="warning")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
