@@ -109,7 +109,7 @@ class DCDiT(ConditionedBackbone):
         with _fp32(x.device):
             tokens32 = tokens.float()
             residual = self.residual_proj(tokens32)
-            probs = boundary_probs(self.router, tokens32.transpose(1, 2).reshape(b, d, height, width))
+            probs = boundary_probs(self.router, _to_grid(tokens32, height, width))
             router_mask = probs > 0.5
             mask = tail_drop_mask(router_mask, probs, tail_drop)
         flat, position, coords = kept_coordinates(mask, width)
@@ -131,7 +131,7 @@ class DCDiT(ConditionedBackbone):
             tokens = full * gate[..., None] + residual
 
         # 8. Decoder mirrors the encoder, then the DiT final layer at patch size 1.
-        grid = tokens.transpose(1, 2).reshape(b, d, height, width).to(grid.dtype)
+        grid = _to_grid(tokens, height, width).to(grid.dtype)
         for block in self.decoder:
             grid = block(grid, c_scaffold)
         out_tokens = self.final_layer(self.decoder_norm(grid.flatten(2).transpose(1, 2)), c_scaffold)
@@ -139,6 +139,15 @@ class DCDiT(ConditionedBackbone):
         if not return_routing:
             return out
         return out, Routing(probs=probs, router_mask=router_mask, mask=mask, grid_size=(height, width))
+
+
+def _to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, L, C) raster tokens -> contiguous (B, C, H, W).
+
+    Without the copy the view is channels-last in memory, the convolutions then produce channels-last weight
+    gradients, and DDP warns that they do not match its bucket views (and copies on every step).
+    """
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width).contiguous()
 
 
 def _fp32(device: torch.device):
