@@ -14,7 +14,7 @@ import sys
 from dcdit.errors import DCDiTError
 
 # Modules under dcdit_platform.commands, in the order `dcdit --help` lists them.
-COMMAND_MODULES = ("flops", "bench", "data")
+COMMAND_MODULES = ("flops", "bench", "data", "train", "evaluate", "fid", "sweep", "report", "quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:

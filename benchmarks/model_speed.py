@@ -1,0 +1,61 @@
+"""The speed goals of issue 2, item 9, from one `dcdit bench` run: DiT-S/2 and DC-DiT-S in fp32 and bf16 next to
+diffusers' DiT, and the ratios the goals are stated in.
+
+    .venv/bin/python benchmarks/model_speed.py [--batch 8] [--repeats 5] [--warmup 2] [--threads N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dcdit_platform.commands.bench import format_table, run_benchmark
+
+GOALS = (
+    # (description, value function, threshold)
+    ("DiT-S/2 fp32 rate / machine fp32 matmul rate", lambda r, m: r["DiT-S/2", "fp32"]["gflops_per_s"] / m["fp32"],
+     0.60),
+    ("diffusers DiT-S/2 fp32 step / DiT-S/2 fp32 step",
+     lambda r, m: r["DiT-S/2 (diffusers)", "fp32"]["step_ms"] / r["DiT-S/2", "fp32"]["step_ms"], 1.0),
+    ("DiT-S/2 fp32 step / bf16 step", lambda r, m: r["DiT-S/2", "fp32"]["step_ms"] / r["DiT-S/2", "bf16"]["step_ms"],
+     1.8),
+    ("DC-DiT-S fp32 step / bf16 step",
+     lambda r, m: r["DC-DiT-S", "fp32"]["step_ms"] / r["DC-DiT-S", "bf16"]["step_ms"], 1.8),
+    ("DC-DiT-S fp32 rate / DiT-S/2 fp32 rate",
+     lambda r, m: r["DC-DiT-S", "fp32"]["gflops_per_s"] / r["DiT-S/2", "fp32"]["gflops_per_s"], 0.75),
+    ("DC-DiT-S bf16 rate / DiT-S/2 bf16 rate",
+     lambda r, m: r["DC-DiT-S", "bf16"]["gflops_per_s"] / r["DiT-S/2", "bf16"]["gflops_per_s"], 0.75),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true")
+    cli = parser.parse_args(argv)
+    args = argparse.Namespace(models=["DiT-S/2", "DC-DiT-S"], image_size=cli.image_size, pixel=False,
+                              batch=cli.batch, precision=["fp32", "bf16"], repeats=cli.repeats, warmup=cli.warmup,
+                              kept_fraction=None, reference=True, attention_backend="auto", threads=cli.threads,
+                              seed=0)
+    summary = run_benchmark(args)
+    rows = {(r["model"], r["precision"]): r for r in summary["results"]}
+    machine = summary["machine_matmul_gflops"]
+    goals = [{"goal": text, "value": round(value(rows, machine), 3), "target": target,
+              "met": value(rows, machine) >= target} for text, value, target in GOALS]
+    if cli.json:
+        print(json.dumps({**summary, "goals": goals}, sort_keys=True))
+        return 0
+    print(format_table(summary))
+    print()
+    for g in goals:
+        print(f"{'met ' if g['met'] else 'MISS'}  {g['goal']:<50} {g['value']:>6.2f}  (goal >= {g['target']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""`dcdit eval CHECKPOINT`: FID (FD), sFID, IS, KID, precision/recall and GFLOPs of a checkpoint on Ray actors."""
+
+from __future__ import annotations
+
+import argparse
+
+from dcdit.errors import DCDiTError
+from dcdit_platform.cli import print_json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="score a checkpoint: FID/sFID/IS/KID/precision-recall and GFLOPs, on Ray actors",
+        description="Generates --num-samples class-balanced samples with the checkpoint's EMA weights (sample i: its "
+                    "own seed, label i mod classes) on Ray actors and compares their features with the reference. "
+                    "The numbers do not depend on --workers. Results go to storage (JSON, sample grid) and to the "
+                    "checkpoint's MLflow run. CHECKPOINT is a checkpoint directory or a run directory (its latest "
+                    "checkpoint), local or s3://.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--num-samples", type=int, default=50_000, help="samples to generate (default 50000: FID-50K)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="actors (default: one per GPU, else one per CPU of the Ray cluster)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="default ddpm (ADM/DiT protocol)")
+    p.add_argument("--sample-steps", type=int, default=250, help="respaced sampling steps (default 250)")
+    p.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale (default 1: none; DiT convention: first 3 channels guided)")
+    rho = p.add_mutually_exclusive_group()
+    rho.add_argument("--tail-drop", type=float, default=None, metavar="RHO",
+                     help="DC-DiT elastic inference: drop this fraction of the kept tokens (lowest p)")
+    rho.add_argument("--tail-drop-sweep", default=None, metavar="R1,R2,...",
+                     help="one evaluation per fraction (the elastic-inference curve: FID and GFLOPs per rho)")
+    p.add_argument("--lite-cfg", action="store_true",
+                   help="DC-DiT Lite-CFG: the unconditional branch tail-drops 90%% of its tokens (scale 1.25 unless "
+                        "--cfg-scale is given)")
+    p.add_argument("--reference", default=None, metavar="REF",
+                   help="ADM reference batch / statistics .npz, a prepared dataset, an image folder, 'synthetic' or "
+                        "'synthetic:seed=0,image_size=32,num_classes=10,num_samples=10000' (default: the "
+                        "checkpoint's training data; its statistics are computed once and cached in storage)")
+    p.add_argument("--extractor", default="inception-v3-compat",
+                   help="inception-v3-compat (FID, default), dcdit-synthetic-classifier (FD and class accuracy; "
+                        "trained once on the synthetic data and cached), or another torch-fidelity extractor (FD)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="extractor weights file (offline clusters: weights-inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--export-npz", default=None, metavar="PATH",
+                   help="also write the samples as an ADM sample batch (arr_0 uint8 NHWC, arr_1 labels)")
+    p.add_argument("--metrics", default=",".join(("fid", "sfid", "is", "kid", "pr")), metavar="LIST",
+                   help="which of fid,sfid,is,kid,pr to compute (FID/FD always; default all)")
+    p.add_argument("--seed", type=int, default=0, help="base seed: sample i uses SeedSequence([seed, i])")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per generation batch (default 64)")
+    p.add_argument("--shard-size", type=int, default=1024,
+                   help="samples per shard, the unit of work and of recomputation (default 1024)")
+    p.add_argument("--reference-samples", type=int, default=50_000,
+                   help="dataset references: images whose statistics are used (default 50000, seeded subset)")
+    p.add_argument("--pr-reference-samples", type=int, default=10_000,
+                   help="reference images for precision/recall and KID (default 10000)")
+    p.add_argument("--storage", default=None, metavar="URI",
+                   help="where results and caches go (default: the storage holding the checkpoint's run)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help="MLflow tracking URI (default: the run's own, sqlite in local storage)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="an existing Ray cluster (default: start a local one); with token authentication set "
+                        "RAY_AUTH_MODE=token")
+    p.add_argument("--json", action="store_true", help="print a one-line JSON summary last")
+    p.set_defaults(func=eval_command)
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise DCDiTError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise DCDiTError(f"{flag} is empty")
+    return values
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from dcdit_platform.evaluate import EvalConfig, evaluate
+
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    cfg = EvalConfig(
+        checkpoint=args.checkpoint, num_samples=args.num_samples, workers=args.workers, sampler=args.sampler,
+        sample_steps=args.sample_steps, cfg_scale=args.cfg_scale, tail_drop=args.tail_drop,
+        tail_drop_sweep=_floats(args.tail_drop_sweep, "--tail-drop-sweep") if args.tail_drop_sweep else None,
+        lite_cfg=args.lite_cfg, reference=args.reference, extractor=args.extractor, weights=args.weights,
+        export_npz=args.export_npz, storage=args.storage, tracking_uri=args.tracking_uri,
+        track=not args.no_tracking, address=args.address, seed=args.seed, batch_size=args.batch_size,
+        shard_size=args.shard_size, reference_samples=args.reference_samples,
+        pr_reference_samples=args.pr_reference_samples, metrics=metrics)
+    summary = evaluate(cfg)
+    if args.json:
+        print_json(summary)
+    else:
+        print(_table(summary), flush=True)
+    return 0
+
+
+def _table(summary: dict) -> str:
+    lines = [f"checkpoint {summary['checkpoint']} (step {summary['step']}): {summary['num_samples']} samples, "
+             f"{summary['sampler']} {summary['steps']} steps, cfg {summary['cfg_scale']:g}"
+             + (", Lite-CFG" if summary["lite_cfg"] else "") + f", reference {summary['reference']}"]
+    entries = summary.get("sweep") or [summary]
+    keys = [k for k in ("fid", "fd", "sfid", "is_mean", "kid_mean", "kd_mean", "precision", "recall",
+                        "class_accuracy", "gflops_per_image") if any(k in e for e in entries)]
+    lines.append("  " + "  ".join(f"{k:>14}" for k in ["rho", *keys]))
+    for e in entries:
+        cells = [e.get("rho") if "sweep" in summary else summary.get("rho")] + [e.get(k) for k in keys]
+        lines.append("  " + "  ".join(f"{_fmt(c):>14}" for c in cells))
+    lines.append(f"  results: {summary['result_uri']}")
+    if summary.get("export_npz"):
+        lines.append(f"  samples: {summary['export_npz']}")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.5g}"
+    return str(value)
+

@@ -1,0 +1,111 @@
+"""`dcdit train CONFIG` (a new run, or the same --name again to resume it) and `dcdit resume NAME`."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+from dcdit.errors import DCDiTError
+from dcdit_platform.cli import print_json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train or resume a DiT / DC-DiT run on Ray Train (DDP), tracked in MLflow",
+        description="Train the experiment in CONFIG (YAML; `_base_: other.yaml` inherits). Running the same "
+                    "command again, or with the same --name, resumes the run exactly from its latest checkpoint "
+                    "in the same MLflow run. The config is validated before Ray starts.")
+    p.add_argument("config", metavar="CONFIG", help="experiment YAML, e.g. experiments/smoke.yaml")
+    p.add_argument("--name", default=None,
+                   help="run name (default: the config's `name`, else <file stem>-<config hash>)")
+    _common(p)
+    p.set_defaults(func=train_command)
+
+    p = subparsers.add_parser(
+        "resume", help="resume a run by name from its latest checkpoint",
+        description="Continue run NAME from its latest valid checkpoint with the config it was started with "
+                    "(read from the storage). Overrides may change only what does not alter the science "
+                    "(train.steps, checkpoint.*, logging.*, resources.*, ...).")
+    p.add_argument("name", metavar="NAME")
+    _common(p)
+    p.set_defaults(func=resume_command)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, value parsed as YAML (repeatable): -o train.lr=2e-4 -o train.steps=1000")
+    p.add_argument("--storage", default=None, metavar="URI",
+                   help="storage root: a local path or s3://bucket/prefix (default ./dcdit-runs)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help="MLflow tracking URI (default sqlite:///<absolute storage path>/mlflow.db; required with "
+                        "S3 storage)")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="an existing Ray cluster (default: start a local one); with token authentication set "
+                        "RAY_AUTH_MODE=token")
+    p.add_argument("--json", action="store_true", help="print a one-line JSON summary last")
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from dcdit_platform.config import apply_overrides, build_config, load_yaml_tree
+
+    tree = apply_overrides(load_yaml_tree(args.config), args.override)
+    config = build_config(_with_flags(tree, args))
+    return _run(config, name=args.name, config_path=args.config, args=args)
+
+
+def resume_command(args: argparse.Namespace) -> int:
+    from dcdit_platform.config import apply_overrides, build_config, check_run_name
+    from dcdit_platform.storage import open_storage
+    from dcdit_platform.train import read_run_record
+
+    name = check_run_name(args.name)
+    storage_uri = args.storage or "./dcdit-runs"
+    record = read_run_record(open_storage(storage_uri), name)
+    if record is None:
+        raise DCDiTError(f"no run named {name} in {storage_uri}: pass the --storage it was started with, or start "
+                         "it with `dcdit train CONFIG --name NAME`")
+    tree = _restore_secrets(copy.deepcopy(record["config"]))
+    tree["storage"]["uri"] = storage_uri
+    tree = apply_overrides(tree, args.override)
+    if args.tracking_uri is None and "***" in str(tree.get("tracking", {}).get("uri") or ""):
+        raise DCDiTError(f"run {name} was tracked at {tree['tracking']['uri']}; its credentials are not stored, "
+                         "so pass --tracking-uri again")
+    config = build_config(_with_flags(tree, args))
+    return _run(config, name=name, config_path=record.get("config_path"), args=args)
+
+
+def _with_flags(tree: dict, args: argparse.Namespace) -> dict:
+    """CLI flags set values directly (not through YAML parsing, which would read 'null' or 'yes' as non-strings)."""
+    tree = copy.deepcopy(tree)
+    if args.storage is not None:
+        tree.setdefault("storage", {})["uri"] = args.storage
+    if args.tracking_uri is not None:
+        tree.setdefault("tracking", {})["uri"] = args.tracking_uri
+    return tree
+
+
+def _restore_secrets(tree):
+    """Secret values were stored as ***: leave them unset so credentials come from the environment again."""
+    if isinstance(tree, dict):
+        return {k: _restore_secrets(v) for k, v in tree.items() if v != "***"}
+    return tree
+
+
+def _run(config, *, name, config_path, args: argparse.Namespace) -> int:
+    from dcdit_platform.train import plan_run, run_training
+
+    plan = plan_run(config, name=name, config_path=config_path)
+    for warning in plan.warnings:
+        print(f"dcdit {args.command}: warning: {warning}", file=sys.stderr)
+    summary = run_training(plan, address=args.address)
+    if args.json:
+        print_json(summary)
+    else:
+        metrics = summary["metrics"]
+        loss = metrics.get("train/loss")
+        print(f"run {summary['name']}: step {summary['step']}"
+              + (f", loss {loss:.4f}" if isinstance(loss, float) else "")
+              + f"\n  checkpoint: {summary['checkpoint']}\n  MLflow run {summary['mlflow_run_id']} at "
+                f"{summary['tracking_uri']} (experiment {summary['experiment']})", flush=True)
+    return 0

@@ -1,0 +1,390 @@
+"""MLflow, the one module that talks to it: open or resume runs (parents and children), flattened params, step
+metrics, tags, artifacts; secret redaction on everything that leaves the process; retries with back-off when
+the tracking server is briefly unreachable, then a one-line DCDiTError.
+
+Every call goes through `MlflowClient` with an explicit run id, so the same code works on the driver, in a Ray
+Train worker (whose working directory Ray changes) and in a Tune trial.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dcdit.errors import DCDiTError
+
+T = TypeVar("T")
+
+RUN_NAME_TAG = "dcdit.run_name"
+PARENT_TAG = "mlflow.parentRunId"
+PROGRESS_METRIC = "train/loss"  # logged at every logging step: its last step is the run's logged progress
+REDACTED = "***"
+
+# --- secrets -------------------------------------------------------------------------------------------------------
+
+# Config keys and environment variables whose values are secrets.
+SECRET_NAME = re.compile(r"key|secret|password|passwd|token|credential", re.IGNORECASE)
+# user:password@ in any URI (http://alice:pw@host, postgresql://u:p@db/x, s3://AKIA:secret@bucket).
+_URI_CREDENTIALS = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^:/@\s]*):(?P<secret>[^@/\s]+)@", re.IGNORECASE)
+# name=value / name: value pairs in free text where the name looks secret.
+_SECRET_PAIR = re.compile(r"(?P<head>\b[\w.-]*(?:key|secret|password|passwd|token|credential)[\w.-]*\s*[=:]\s*)"
+                          r"(?P<secret>[^\s,;'\"}]+)", re.IGNORECASE)
+_MIN_SECRET_LEN = 6  # shorter values are not scrubbed from free text (they would mangle ordinary words)
+_registered: set[str] = set()
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a config key or variable name (dotted or not) holds a secret: *key*, *secret*, *password*, *token*."""
+    return bool(SECRET_NAME.search(name))
+
+
+def register_secret(value: Any) -> None:
+    """Scrub `value` from everything `redact` sees from now on in this process."""
+    if isinstance(value, str) and len(value) >= _MIN_SECRET_LEN:
+        _registered.add(value)
+
+
+def _known_secrets() -> list[str]:
+    from_env = [v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= _MIN_SECRET_LEN]
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    from_uri = [m.group("secret") for m in _URI_CREDENTIALS.finditer(uri)]
+    return sorted({*_registered, *from_env, *from_uri}, key=len, reverse=True)
+
+
+def redact(text: Any) -> str:
+    """`text` with URI passwords, name=secret pairs and every known secret value replaced by ***."""
+    text = str(text)
+    text = _URI_CREDENTIALS.sub(lambda m: f"{m.group('head')}:{REDACTED}@", text)
+    text = _SECRET_PAIR.sub(lambda m: f"{m.group('head')}{REDACTED}", text)
+    for secret in _known_secrets():
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact_config(data: Any, _key: str = "") -> Any:
+    """A copy of a nested config with secret-named values replaced by *** (and registered for `redact`)."""
+    if isinstance(data, dict):
+        return {k: redact_config(v, f"{_key}.{k}" if _key else str(k)) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [redact_config(v, _key) for v in data]
+    if data is not None and is_secret_name(_key.rsplit(".", 1)[-1]):
+        register_secret(str(data))
+        return REDACTED
+    if isinstance(data, str):
+        return redact(data)
+    return data
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """(uri without user:password@, user, password)."""
+    match = _URI_CREDENTIALS.search(uri)
+    if not match:
+        return uri, None, None
+    head = match.group("head")
+    scheme, _, user = head.partition("://")
+    return uri.replace(match.group(0), f"{scheme}://", 1), user or None, match.group("secret")
+
+
+def secret_env() -> dict[str, str]:
+    """Credential variables of this process that Ray workers on other machines need (MLflow, AWS)."""
+    names = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+             "MLFLOW_TRACKING_INSECURE_TLS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+             "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+    return {k: os.environ[k] for k in names if k in os.environ}
+
+
+# --- URIs ----------------------------------------------------------------------------------------------------------
+
+def default_tracking_uri(storage_uri: str) -> str:
+    """sqlite:////<absolute storage path>/mlflow.db for local storage; S3 storage needs a server (DCDiTError)."""
+    if storage_uri.startswith("s3://"):
+        raise DCDiTError(f"storage {storage_uri} is on S3, so the run needs an MLflow tracking server: pass "
+                         "--tracking-uri http://HOST:PORT (or set tracking.uri)")
+    path = storage_uri[len("file://"):] if storage_uri.startswith("file://") else storage_uri
+    root = Path(path).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    # An absolute path: MLflow's default ./mlflow.db is relative, and Ray Train changes workers' directories.
+    return f"sqlite:///{root.as_posix()}/mlflow.db"
+
+
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """For a SQLite store, artifacts live next to the database (never in a worker's working directory)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").as_uri()
+    return None
+
+
+# --- tags ----------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def code_tags() -> dict[str, str]:
+    """Code version, git commit (and whether the tree is dirty) and host, for every run."""
+    import dcdit
+
+    tags = {"dcdit.version": getattr(dcdit, "__version__", "unknown"), "dcdit.host": socket.gethostname()}
+    repo = Path(dcdit.__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        tags["dcdit.git_commit"] = tags["mlflow.source.git.commit"] = commit
+        tags["dcdit.git_dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+    else:
+        tags["dcdit.git_commit"] = "unknown"
+    return tags
+
+
+# --- the client ----------------------------------------------------------------------------------------------------
+
+class TrackingUnavailable(DCDiTError):
+    """The tracking server stayed unreachable for the whole retry budget."""
+
+
+def _transient(err: BaseException) -> bool:
+    """Errors worth retrying: connection problems, timeouts, 5xx/429 answers, a locked SQLite database."""
+    try:
+        import requests
+
+        if isinstance(err, (requests.ConnectionError, requests.Timeout)):
+            return True
+    except ImportError:
+        pass
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    text = str(err)
+    code = getattr(err, "error_code", "") or ""
+    if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "INTERNAL_ERROR"):
+        return True
+    markers = ("Max retries exceeded", "Connection refused", "ConnectionError", "Connection aborted",
+               "Read timed out", "timed out", "RemoteDisconnected", "database is locked",
+               "response code 5", "status code 5", "502", "503", "504", "429")
+    return any(m in text for m in markers)
+
+
+class Tracker:
+    """An MLflow client for one tracking URI with redaction and retries on every call.
+
+    `retry_timeout_s` bounds how long one call keeps retrying (exponential back-off from 0.5 s to 30 s).
+    """
+
+    def __init__(self, uri: str, *, retry_timeout_s: float = 300.0):
+        # MLflow's own HTTP retries would hide how long we wait; this loop owns the back-off instead.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+        _, _, password = split_credentials(uri)
+        register_secret(password)
+        self.uri = uri
+        self.display_uri = redact(uri)
+        self.retry_timeout_s = float(retry_timeout_s)
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = self._call("connect", lambda: MlflowClient(tracking_uri=self.uri))
+        return self._client
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.retry_timeout_s
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except DCDiTError:
+                raise
+            except Exception as err:  # noqa: BLE001 - MLflow raises many types; classify, redact, re-raise
+                detail = " ".join(redact(err).split())[:300] or type(err).__name__
+                if not _transient(err):
+                    raise DCDiTError(f"MLflow {what} failed at {self.display_uri}: {detail}") from None
+                if time.monotonic() + delay > deadline:
+                    raise TrackingUnavailable(
+                        f"MLflow tracking server {self.display_uri} unreachable for {self.retry_timeout_s:.0f} s "
+                        f"({what}): {detail}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    # --- experiments and runs -------------------------------------------------------------------------------
+    def experiment_id(self, name: str) -> str:
+        """The id of experiment `name`, created when missing (artifacts next to a local SQLite store)."""
+        experiment = self._call("get experiment", lambda: self.client.get_experiment_by_name(name))
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                raise DCDiTError(f"MLflow experiment {name!r} is deleted; restore it or choose another "
+                                 "tracking.experiment")
+            return experiment.experiment_id
+        location = local_artifact_root(self.uri)
+
+        def create() -> str:
+            try:
+                return self.client.create_experiment(name, artifact_location=location)
+            except Exception as err:  # created concurrently by another process
+                if "RESOURCE_ALREADY_EXISTS" in str(getattr(err, "error_code", "")) or "already exists" in str(err):
+                    return self.client.get_experiment_by_name(name).experiment_id
+                raise
+
+        return self._call("create experiment", create)
+
+    def open_run(self, *, experiment: str, run_name: str, run_id: str | None = None,
+                 parent_run_id: str | None = None, tags: dict[str, Any] | None = None) -> str:
+        """The run id of `run_name`: the given `run_id` (resumed), else the experiment's run tagged with that name
+        (a run that crashed before its first checkpoint), else a new run; marked RUNNING either way."""
+        if run_id is not None:
+            run = self._call("get run", lambda: _get_run_or_none(self.client, run_id))
+            if run is None:
+                raise DCDiTError(f"the checkpoint belongs to MLflow run {run_id}, which {self.display_uri} does not "
+                                 "know; resume with the tracking URI the run was started with (--tracking-uri)")
+            self._call("mark run running", lambda: self.client.update_run(run_id, status="RUNNING"))
+            return run_id
+        exp_id = self.experiment_id(experiment)
+        query = f"tags.`{RUN_NAME_TAG}` = '{_quote(run_name)}'"
+        if parent_run_id:
+            query += f" and tags.`{PARENT_TAG}` = '{_quote(parent_run_id)}'"
+        found = self._call("search runs", lambda: self.client.search_runs(
+            [exp_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"]))
+        if found:
+            run_id = found[0].info.run_id
+            self._call("mark run running", lambda: self.client.update_run(run_id, status="RUNNING"))
+            return run_id
+        all_tags = {**code_tags(), **(tags or {}), RUN_NAME_TAG: run_name}
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        all_tags = {k: redact(v) if not is_secret_name(k) else REDACTED for k, v in all_tags.items()}
+        run = self._call("create run", lambda: self.client.create_run(exp_id, tags=all_tags, run_name=run_name))
+        return run.info.run_id
+
+    def child_runs(self, parent_run_id: str, experiment: str) -> list:
+        """Runs whose parent is `parent_run_id` (sweeps)."""
+        exp_id = self.experiment_id(experiment)
+        return list(self._call("search runs", lambda: self.client.search_runs(
+            [exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{_quote(parent_run_id)}'", max_results=10_000)))
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        """FINISHED, FAILED or KILLED."""
+        self._call("end run", lambda: self.client.set_terminated(run_id, status))
+
+    def get_run(self, run_id: str):
+        return self._call("get run", lambda: self.client.get_run(run_id))
+
+    # --- params, tags, metrics, artifacts ----------------------------------------------------------------------
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Log flattened params (secret-named ones redacted). Params are immutable in MLflow: values that changed
+        since an earlier attempt of the run are recorded as `dcdit.changed.<key>` tags instead."""
+        from mlflow.entities import Param, RunTag
+
+        clean = {k: _param_value(k, v) for k, v in params.items()}
+        existing = self.get_run(run_id).data.params
+        new = [Param(k, v) for k, v in clean.items() if k not in existing]
+        changed = [RunTag(f"dcdit.changed.{k}", v) for k, v in clean.items() if k in existing and existing[k] != v]
+        for i in range(0, len(new), 100):
+            chunk = new[i:i + 100]
+            self._call("log params", lambda: self.client.log_batch(run_id, params=chunk, synchronous=True))
+        if changed:
+            self._call("set tags", lambda: self.client.log_batch(run_id, tags=changed, synchronous=True))
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, REDACTED if is_secret_name(k) else redact(v)[:5000]) for k, v in tags.items()]
+        if items:
+            self._call("set tags", lambda: self.client.log_batch(run_id, tags=items, synchronous=True))
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 1000):
+            chunk = items[i:i + 1000]
+            self._call("log metrics", lambda: self.client.log_batch(run_id, metrics=chunk, synchronous=True))
+
+    def last_logged_step(self, run_id: str, key: str = PROGRESS_METRIC) -> int:
+        """The highest step at which `key` was logged (0 if never): steps up to it are not logged again, so a
+        run resumed from an older checkpoint than its newest never logs a step twice."""
+        history = self._call("read metric history", lambda: self.client.get_metric_history(run_id, key))
+        return max((m.step for m in history), default=0)
+
+    def metric_history(self, run_id: str, key: str) -> list:
+        return list(self._call("read metric history", lambda: self.client.get_metric_history(run_id, key)))
+
+    def log_artifact(self, run_id: str, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._call("log artifact", lambda: self.client.log_artifact(run_id, str(local_path), artifact_path))
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """A text artifact, redacted."""
+        self._call("log artifact", lambda: self.client.log_text(run_id, redact(text), artifact_file))
+
+    # --- reading runs back (reports) ------------------------------------------------------------------------
+    def search_runs(self, filter_string: str = "", *, experiment_ids: list[str] | None = None,
+                    order_by: list[str] | None = None, max_results: int = 10_000) -> list:
+        """Runs matching an MLflow filter string in `experiment_ids` (default: every active experiment)."""
+        if experiment_ids is None:
+            experiments = self._call("search experiments", lambda: self.client.search_experiments())
+            experiment_ids = [e.experiment_id for e in experiments]
+        if not experiment_ids:
+            return []
+        return list(self._call("search runs", lambda: self.client.search_runs(
+            experiment_ids, filter_string=filter_string, order_by=order_by, max_results=max_results)))
+
+    def get_experiment(self, experiment_id: str):
+        return self._call("get experiment", lambda: self.client.get_experiment(experiment_id))
+
+    def log_artifacts(self, run_id: str, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Every file under `local_dir`, keeping its layout, below `artifact_path`."""
+        self._call("log artifacts", lambda: self.client.log_artifacts(run_id, str(local_dir), artifact_path))
+
+    def list_artifacts(self, run_id: str, path: str | None = None) -> list:
+        return list(self._call("list artifacts", lambda: self.client.list_artifacts(run_id, path)))
+
+    def download_artifact(self, run_id: str, path: str, dst_dir: str | os.PathLike) -> str:
+        """The local path of artifact `path` of the run, downloaded into `dst_dir`."""
+        return self._call("download artifact",
+                          lambda: self.client.download_artifacts(run_id, path, str(dst_dir)))
+
+
+def _get_run_or_none(client, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except Exception as err:  # noqa: BLE001
+        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower():
+            return None
+        raise
+
+
+def _param_value(key: str, value: Any) -> str:
+    if is_secret_name(key.rsplit(".", 1)[-1]) and value is not None:
+        register_secret(str(value))
+        return REDACTED
+    return redact("null" if value is None else value)[:6000]
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def flat_params(config: dict[str, Any]) -> dict[str, Any]:
+    """Nested config -> {'train.lr': ..., ...} with secret-named values redacted."""
+    from dcdit_platform.config import flatten
+
+    return {k: _param_value(k, v) for k, v in flatten(config).items()}
+
+
+__all__ = ["Tracker", "TrackingUnavailable", "redact", "redact_config", "register_secret", "is_secret_name",
+           "split_credentials", "secret_env", "default_tracking_uri", "local_artifact_root", "code_tags",
+           "flat_params", "RUN_NAME_TAG", "PARENT_TAG", "PROGRESS_METRIC"]

@@ -1,0 +1,104 @@
+"""Platform fixtures: a real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts), started once per
+session and waited on until healthy, and small helpers for the training tests. The Ray cluster and the S3 server
+come from tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    uri: str  # http://127.0.0.1:PORT
+    port: int
+    root: Path
+
+    def uri_with_credentials(self, user: str, password: str) -> str:
+        return f"http://{user}:{password}@127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` as a subprocess (its own process group, stopped at the end of the session)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log = open(root / "server.log", "wb")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}: "
+                                   f"{(root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("mlflow server did not become healthy in 180 s")
+            time.sleep(0.25)
+        yield MlflowServer(uri=uri, port=port, root=root)
+    finally:
+        with _suppress():
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and the uvicorn worker it started
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with _suppress():
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], (ProcessLookupError, PermissionError))
+
+
+@pytest.fixture
+def fast_ray_polling(monkeypatch):
+    """Ray Train's controller drains reports every 2 s by default; the driver propagates this to the controller."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """The tiny config (train_helpers.tiny_config) trained 12 steps in one process, checkpoints at 4, 8 and 12.
+
+    Its 2 workers x 1 micro-batch become 1 worker x 2, which trains the same thing, so Ray runs of the same config
+    must end with these weights. Returns (summary, storage root, {step: (model, ema) state dicts})."""
+    from dcdit_platform.config import build_config
+    from dcdit_platform.train import plan_run, run_local
+    from train_helpers import load_weights, tiny_config
+
+    store = tmp_path_factory.mktemp("reference")
+    summary = run_local(plan_run(build_config(tiny_config(storage={"uri": str(store)})), name="straight"))
+    weights = {step: load_weights(store / "straight" / f"checkpoint_{step:08d}") for step in (4, 8, 12)}
+    return summary, str(store), weights

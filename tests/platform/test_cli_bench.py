@@ -1,0 +1,30 @@
+"""`dcdit bench` end to end on tiny inputs: the JSON it prints has what the speed report needs (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_reports_rates_for_dit_dcdit_and_the_reference():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dcdit_platform.cli", "bench", "DiT-S/8", "DC-DiT-S", "--image-size", "64",
+         "--batch", "2", "--repeats", "1", "--warmup", "0", "--precision", "fp32", "bf16", "--reference",
+         "--threads", "1", "--json"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(summary["machine_matmul_gflops"]) == {"fp32", "bf16"}
+    rows = {(r["model"], r["precision"]): r for r in summary["results"]}
+    assert set(rows) == {(m, p) for m in ("DiT-S/8", "DiT-S/8 (diffusers)", "DC-DiT-S") for p in ("fp32", "bf16")}
+    for row in rows.values():
+        assert row["step_ms"] > 0 and row["params"] > 0 and row["flops_per_step"] > 0
+        # Forward + backward is about three forwards (two matmuls per forward matmul in the backward).
+        assert 2.5 < row["flops_per_step"] / row["forward_flops"] < 3.5
+        assert row["gflops_per_s"] > 0 and row["fraction_of_machine_matmul"] > 0
+    assert 0.2 < rows[("DC-DiT-S", "fp32")]["kept_fraction"] < 0.3
+    # The reference does the same matmul work as ours, plus re-embedding t and y in every block (per sample, so
+    # about 8% here where a sample is a single token, negligible at 256 tokens).
+    ours, ref = rows[("DiT-S/8", "fp32")], rows[("DiT-S/8 (diffusers)", "fp32")]
+    assert 0.85 < ours["forward_flops"] / ref["forward_flops"] <= 1.0
