@@ -91,14 +91,15 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _SHA_CACHE[key]
 
 
-def _check_state_dict(path: Path, required: str, what: str) -> None:
-    """Refuse files that are not plain state dicts (pickled code, other models) before torch-fidelity loads them."""
+def validate_inception_weights(path: str | os.PathLike) -> None:
+    """Refuse files that are not a plain Inception state dict (pickled code, other models) before torch-fidelity
+    loads them with weights_only=False."""
     from dcdit.checkpoint import load_weights_only
 
     state = load_weights_only(path)
-    if not isinstance(state, dict) or required not in state:
-        raise DCDiTError(f"{path} is not {what} (no '{required}' tensor); pass the file {INCEPTION_WEIGHTS_FILE} "
-                         f"from {INCEPTION_WEIGHTS_URL}")
+    if not isinstance(state, dict) or f"{SPATIAL_MODULE}.conv.weight" not in state:
+        raise DCDiTError(f"{path} is not an Inception-v3 (torch-fidelity) state dict; pass the file "
+                         f"{INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL}")
 
 
 # --- the extractor interface ---------------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def _inception(weights, *, logits: bool, spatial: bool, device, batch_size: int)
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     path = resolve_inception_weights(weights)
-    _check_state_dict(path, "Mixed_6d.branch1x1.conv.weight", "an Inception-v3 (torch-fidelity) state dict")
+    validate_inception_weights(path)
     layers = ["2048", "logits_unbiased"] if logits else ["2048"]
     net = FeatureExtractorInceptionV3(INCEPTION, layers, feature_extractor_weights_path=str(path))
     net = net.to(device)
@@ -194,12 +195,20 @@ def _inception(weights, *, logits: bool, spatial: bool, device, batch_size: int)
             out["spatial"] = captured.pop("spatial")
         return out
 
-    dims = {"pool": 2048, **({"logits": 1008} if logits else {}), **({"spatial": 17 * 17 * SPATIAL_CHANNELS}
-                                                                       if spatial else {})}
-    identity = {"extractor": INCEPTION, "weights_sha256": file_sha256(path), "layers": layers,
-                "spatial": f"{SPATIAL_MODULE}[:{SPATIAL_CHANNELS}] NHWC" if spatial else None,
-                "resize": "tf1-bilinear 299x299 (torch-fidelity)", "input": "uint8 RGB"}
-    return Extractor(INCEPTION, net, run, identity, dims, device=device, batch_size=batch_size)
+    dims = {k: v for k, v in INCEPTION_DIMS.items() if k == "pool" or (k == "logits" and logits)
+            or (k == "spatial" and spatial)}
+    return Extractor(INCEPTION, net, run, inception_identity(path), dims, device=device, batch_size=batch_size)
+
+
+INCEPTION_DIMS = {"pool": 2048, "logits": 1008, "spatial": 17 * 17 * SPATIAL_CHANNELS}
+
+
+def inception_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """What determines Inception features (not which of them an extractor computes): weights and resizing."""
+    return {"features_version": FEATURES_VERSION, "extractor": INCEPTION, "weights_sha256": file_sha256(path),
+            "layers": {"pool": "2048", "logits": "logits_unbiased",
+                       "spatial": f"{SPATIAL_MODULE}[:{SPATIAL_CHANNELS}] NHWC"},
+            "resize": "tf1-bilinear 299x299 (torch-fidelity)", "input": "uint8 RGB"}
 
 
 def _torch_fidelity_extractor(name: str, weights, *, device, batch_size: int) -> Extractor:
@@ -427,4 +436,5 @@ _register_with_torch_fidelity()
 
 __all__ = ["INCEPTION", "INCEPTION_WEIGHTS_FILE", "INCEPTION_WEIGHTS_URL", "DOMAIN_EXTRACTOR", "Extractor",
            "DomainClassifier", "build_extractor", "resolve_inception_weights", "inception_cache_path",
-           "file_sha256", "as_uint8_nchw", "train_domain_classifier", "domain_classifier_key", "DEFAULT_RECIPE"]
+           "file_sha256", "as_uint8_nchw", "inception_identity", "INCEPTION_DIMS",
+           "validate_inception_weights", "train_domain_classifier", "domain_classifier_key", "DEFAULT_RECIPE"]

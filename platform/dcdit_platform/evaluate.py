@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -62,7 +61,7 @@ class EvalConfig:
     tail_drop: float | None = None
     tail_drop_sweep: tuple[float, ...] | None = None
     lite_cfg: bool = False
-    reference: str | None = None  # npz (ADM batch or statistics), dataset URI, image folder, 'synthetic'; None = training data
+    reference: str | None = None  # npz (ADM batch or statistics), dataset, folder, 'synthetic'; None = training data
     extractor: str = INCEPTION
     weights: str | None = None
     export_npz: str | None = None
@@ -324,9 +323,11 @@ class ExtractorSpec:
 
 
 def prepare_extractor(name: str, weights: str | None, *, storage=None, domain_source: dict | None = None,
-                      echo: Callable[[str], None] | None = None) -> tuple[ExtractorSpec, Any]:
-    """Resolve weights on the driver (clear errors before Ray starts); returns the spec and a driver-side extractor."""
-    from dcdit.features import DomainClassifier, build_extractor, resolve_inception_weights
+                      echo: Callable[[str], None] | None = None, build: bool = False) -> tuple[ExtractorSpec, Any]:
+    """Resolve and check the weights on the driver, so errors come before Ray starts. Returns the spec actors build
+    from and, with `build`, a driver-side extractor (for Inception the spec needs no model: None otherwise)."""
+    from dcdit.features import (INCEPTION_DIMS, build_extractor, inception_identity, resolve_inception_weights,
+                                validate_inception_weights)
 
     if name == DOMAIN_EXTRACTOR and weights is None:
         weights = domain_classifier_path(storage, domain_source, echo=echo)
@@ -334,18 +335,22 @@ def prepare_extractor(name: str, weights: str | None, *, storage=None, domain_so
         weights = str(resolve_inception_weights(weights))
     elif weights is not None and not os.path.isfile(weights):
         raise DCDiTError(f"weights file {weights} not found")
-    extractor = build_extractor(name, weights, spatial=name == INCEPTION)
-    if name == DOMAIN_EXTRACTOR:
-        DomainClassifier.load(weights)  # validates the file
+    extractor = None
+    if name == INCEPTION and not build:
+        validate_inception_weights(weights)
+        identity, dims = inception_identity(weights), dict(INCEPTION_DIMS)
+    else:
+        extractor = build_extractor(name, weights, spatial=name == INCEPTION)
+        identity, dims = extractor.identity, extractor.dims
     sha = file_sha256(weights) if weights is not None else None
     spec = ExtractorSpec(name=name, weights_path=str(weights) if weights else None, weights_sha256=sha,
-                         identity=extractor.identity, dims=extractor.dims)
+                         identity=identity, dims=dims)
     return spec, extractor
 
 
 def domain_classifier_path(storage, source: dict | None, *, echo=None) -> str:
     """The cached domain classifier for a synthetic dataset, trained once and kept in storage (local copy path)."""
-    from dcdit.features import DomainClassifier, domain_classifier_key, train_domain_classifier
+    from dcdit.features import domain_classifier_key, train_domain_classifier
 
     if not source or source.get("kind") != "synthetic":
         raise DCDiTError(f"the {DOMAIN_EXTRACTOR} extractor is trained on the synthetic dataset; this evaluation's "
@@ -355,7 +360,9 @@ def domain_classifier_path(storage, source: dict | None, *, echo=None) -> str:
     local = Path(tempfile.gettempdir()) / f"dcdit-{DOMAIN_EXTRACTOR}-{key}.safetensors"
     if storage is not None and storage.exists(rel):
         if not local.is_file() or local.stat().st_size != storage.size(rel):
-            local.write_bytes(storage.read_bytes(rel))
+            tmp = local.with_name(f"{local.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(storage.read_bytes(rel))
+            os.replace(tmp, local)
         return str(local)
     if echo:
         echo(f"training the {DOMAIN_EXTRACTOR} for synthetic data (seed {source['seed']}, "
@@ -900,7 +907,12 @@ def evaluate(cfg: EvalConfig, *, on_event: Callable[[dict], None] | None = None,
     try:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        workers = cfg.workers or (gpus or max(1, int(resources.get("CPU", 1) // cfg.cpus_per_worker)))
+        slots = gpus or max(1, int(resources.get("CPU", 1) // cfg.cpus_per_worker))
+        workers = cfg.workers or slots
+        if workers > slots:
+            # More actors than the cluster can hold would wait forever; fewer give the same numbers.
+            echo(f"--workers {workers} exceeds the cluster's {slots} {'GPU' if gpus else 'CPU'} slot(s); using {slots}")
+            workers = slots
         spec = replace(spec, blob=ray.put(Path(spec.weights_path).read_bytes()) if spec.weights_path else None)
         model_spec = {"config": asdict(model_cfg), "state": ray.put(ckpt.weights), "vae": vae}
         options = {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if gpus else 0, "max_restarts": 0}
@@ -919,8 +931,11 @@ def evaluate(cfg: EvalConfig, *, on_event: Callable[[dict], None] | None = None,
                                 cfg_scale=cfg_scale, lite_cfg=cfg.lite_cfg, rho=rho,
                                 null_class=model_cfg.num_classes, seed=cfg.seed, num_classes=num_classes,
                                 arch=model_cfg.arch)
+            export = cfg.export_npz
+            if export and len(rhos) > 1:  # one sample batch per tail-drop fraction: samples-rho0.2.npz
+                export = f"{export[:-4] if export.endswith('.npz') else export}-rho{rho:g}.npz"
             runs.append(_evaluate_plan(cfg, plan, pool, shape, reference, spec, metrics, num_classes,
-                                       export=cfg.export_npz if len(rhos) == 1 else None, echo=echo))
+                                       export=export, echo=echo))
         failures = pool.failures
     finally:
         if pool is not None:
@@ -933,8 +948,8 @@ def evaluate(cfg: EvalConfig, *, on_event: Callable[[dict], None] | None = None,
                 "cfg_channels": 3 if cfg_scale > 1.0 else None, "lite_cfg": cfg.lite_cfg, "seed": cfg.seed,
                 "num_classes": num_classes, "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
                 "extractor": spec.name, "weights_sha256": spec.weights_sha256, "reference": reference.label,
-                "reference_id": reference.reference_id, "reference_cached": reference.cached, "vae": vae, "image_size": image_size,
-                "labels": "i mod num_classes", "seeds": "SeedSequence([seed, i])"}
+                "reference_id": reference.reference_id, "reference_cached": reference.cached, "vae": vae,
+                "image_size": image_size, "labels": "i mod num_classes", "seeds": "SeedSequence([seed, i])"}
     summary: dict[str, Any] = {**protocol, "workers": workers, "actor_failures": failures,
                                "mlflow_run_id": ckpt.mlflow_run_id, "run_name": ckpt.run_name}
     if len(runs) == 1:
@@ -1151,7 +1166,8 @@ def compute_metrics(merged: Collected, reference: Reference, spec: ExtractorSpec
                     features, reference.features, name=prefix.upper())
             if "pr" in metrics:
                 if min(len(features), len(reference.features)) > 3:
-                    out["precision"], out["recall"] = precision_recall(reference.features, features)
+                    device = "cuda" if torch.cuda.is_available() else "cpu"
+                    out["precision"], out["recall"] = precision_recall(reference.features, features, device=device)
                 else:
                     caught.append("precision/recall skipped: needs more than 3 samples on each side")
     caught += [str(w.message) for w in seen if issubclass(w.category, BiasedEstimateWarning)]
@@ -1339,7 +1355,7 @@ def fid_between(input1: str, input2: str, *, extractor: str = INCEPTION, weights
     if extractor == DOMAIN_EXTRACTOR and weights is None:
         raise DCDiTError(f"--extractor {DOMAIN_EXTRACTOR} needs --weights (the classifier file cached by `dcdit "
                          f"eval` under {{storage}}/{CACHE_DIR}/extractors/)")
-    spec, ex = prepare_extractor(extractor, weights)
+    spec, ex = prepare_extractor(extractor, weights, build=True)
     ex.batch_size = batch_size
     sides = [fid_input(p, ex, spec, batch_size=batch_size) for p in (input1, input2)]
     name = "fid" if extractor == INCEPTION else "fd"

@@ -90,15 +90,24 @@ def evaluate_fid(plan, summary: dict, weights: str, echo: Callable[[str], None])
     from dcdit_platform.evaluate import EvalConfig, evaluate
     from dcdit_platform.sweep import eval_protocol
 
+    import ray
+
     protocol = dict(eval_protocol(plan.spec.evaluation or {}, plan.trials[0].config.resources))
-    protocol.update(extractor=INCEPTION, weights=weights)
-    for trial in summary["trials"]:
-        if trial.get("status") != "FINISHED" or not trial.get("checkpoint"):
-            continue
-        echo(f"FID of {trial['name']} (Inception weights {weights})")
-        evaluate(EvalConfig(checkpoint=trial["checkpoint"], tracking_uri=plan.tracking_uri,
-                            storage=plan.sweep_storage.uri, track=True, **protocol),
-                 echo=lambda text: echo(f"  {text}"))
+    protocol.update(extractor=INCEPTION, weights=weights, workers=None)  # one actor per CPU
+    started = not ray.is_initialized()
+    if started:  # one local Ray for all evaluations (evaluate() reuses a running one)
+        ray.init(num_cpus=os.cpu_count() or 1, logging_level="warning", log_to_driver=False)
+    try:
+        for trial in summary["trials"]:
+            if trial.get("status") != "FINISHED" or not trial.get("checkpoint"):
+                continue
+            echo(f"FID of {trial['name']} (Inception weights {weights})")
+            evaluate(EvalConfig(checkpoint=trial["checkpoint"], tracking_uri=plan.tracking_uri,
+                                storage=plan.sweep_storage.uri, track=True, **protocol),
+                     echo=lambda text: echo(f"  {text}"))
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def run_quickstart(out: str | os.PathLike | None = None, *, config: str | os.PathLike | None = None,
@@ -143,7 +152,6 @@ def run_quickstart(out: str | os.PathLike | None = None, *, config: str | os.Pat
         for key in ("fd", "fid"):
             if entry.get(key) is not None:
                 run[key] = entry[key]
-        run.update(_fid_of(report, entry["run_id"]))
         runs.append(run)
     db = out_dir / "mlflow.db"
     return {"report_html": report["report_html"], "report_md": report["report_md"], "report_csv": report["report_csv"],
@@ -151,17 +159,6 @@ def run_quickstart(out: str | os.PathLike | None = None, *, config: str | os.Pat
             "sweep": plan.name, "out": str(out_dir), "sweep_file": str(sweep_file),
             "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{db.as_posix()}",
             "runs": runs, "findings": report["findings"], "wall_s": round(time.perf_counter() - started, 1)}
-
-
-def _fid_of(report: dict, run_id: str) -> dict:
-    """A run's FID when an Inception protocol evaluated it (the main protocol of the report may be the FD one)."""
-    import csv
-
-    with open(report["report_csv"], newline="") as f:
-        for record in csv.DictReader(f):
-            if record["run_id"] == run_id and record.get("fid"):
-                return {"fid": float(record["fid"])}
-    return {}
 
 
 def format_summary(summary: dict) -> str:

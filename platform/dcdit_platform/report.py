@@ -251,7 +251,7 @@ def run_row(tracker: Tracker, run) -> RunRow:
     kept = metrics.get("router/kept_fraction")
     row = RunRow(
         run_id=run.info.run_id, name=_run_name(run), status=run.info.status, arch=arch,
-        model=config.get("model.preset") or tags.get("dcdit.model") or _describe(model_cfg, arch),
+        model=config.get("model.preset") or _describe(model_cfg, arch),
         n=n, lam=lam, params=_params(model_cfg), forward_gflops=_forward_gflops(model_cfg, kept),
         compression=metrics.get("router/compression_effective"), kept_fraction=kept,
         steps=_last_step(tracker, run.info.run_id, "train/loss"), images_per_s=metrics.get("perf/images_per_s"),
@@ -461,9 +461,11 @@ def probe_runs(sweep: Sweep, tracker: Tracker, out_dir: Path, *, storage: str | 
                 row.probe = probe_checkpoint(uri, figure, num_images=num_images, seed=seed, title=row.name)
                 break
             except (DCDiTError, FileNotFoundError, OSError) as err:
-                problems.append(f"{redact(uri)}: {' '.join(str(err).split())[:160]}")
+                text = " ".join(str(err).split())
+                problems.append(f"none in {redact(uri)}" if text.startswith("no checkpoint at") or
+                                isinstance(err, FileNotFoundError) else f"{redact(uri)}: {text[:160]}")
         if row.probe is None:
-            row.probe_note = "no readable checkpoint (" + "; ".join(problems) + ")"
+            row.probe_note = "no readable checkpoint: " + "; ".join(problems)
             continue
         if echo:
             echo(f"{row.name}: detail AUC {row.probe.clean_auc:.3f} at t={row.probe.timesteps[-1]}")
@@ -842,7 +844,7 @@ def findings(sweep: Sweep) -> dict[str, list[str]]:
         if dits and dcs:
             beat = [(r, e) for r, e in dcs if any(e.quality < de.quality and e.gflops <= de.gflops * 1.05
                                                   for _, de in dits)]
-            text += (f" {len(beat)} of {len(dcs)} DC-DiT points beat a DiT baseline at no more compute."
+            text += (f" {len(beat)} of {len(dcs)} DC-DiT points beat a DiT baseline with at most 5% more compute."
                      if beat else " No DC-DiT point beats a DiT baseline at equal or lower compute here.")
         out["quality"].append(text)
     if len(sweep.groups) > 1:
@@ -1198,13 +1200,17 @@ def summarize(sweep: Sweep, facts: dict[str, list[str]], out: Path) -> dict:
                                  "N": row.n, "lambda": row.lam, "params": row.params, "status": row.status,
                                  "steps": row.steps, "compression": row.compression,
                                  "forward_gflops": row.forward_gflops}
-        main = next((ev for g in sweep.groups for r, ev in g.entries if r is row), None)  # the main protocol first
+        # The run's entry in the largest protocol group it is in, without tail dropping where there is one.
+        mine = [ev for g in sweep.groups for r, ev in g.entries if r is row]
+        first = [ev for ev in mine if ev.protocol_id == mine[0].protocol_id] if mine else []
+        main = min(first, key=lambda ev: ev.rho or 0.0) if first else None
+        entry["gflops"] = main.gflops if main is not None else None
         if main is not None:
-            entry["gflops"] = main.gflops
             entry["protocol_id"] = main.protocol_id
             entry[main.distance] = main.quality
-        else:
-            entry["gflops"] = None
+        for ev in mine:  # FD and FID when protocols with both extractors evaluated the run
+            if ev.distance not in entry and not ev.rho:
+                entry[ev.distance] = ev.quality
         if row.probe:
             entry["detail_auc"] = row.probe.clean_auc
             entry["kept_fraction_by_t"] = dict(zip(row.probe.timesteps, row.probe.kept))

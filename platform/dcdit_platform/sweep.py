@@ -759,6 +759,11 @@ def trial_main(config: dict, ctx: dict | None = None) -> None:
     plan = plan_run(build_config(tree), name=name)
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from dcdit_platform.train import latest_checkpoint_state
+
+    latest = latest_checkpoint_state(plan.storage.child(name))
+    resumed_from = latest[0] if latest else None
+
     summary = run_training(plan, callbacks=[TuneReportCallback()], echo=lambda text: print(text, file=sys.stderr))
     metrics = dict(summary.get("metrics") or {})
     evaluation = None
@@ -774,7 +779,7 @@ def trial_main(config: dict, ctx: dict | None = None) -> None:
     state.write_trial(name, {"name": name, "status": FINISHED, "step": summary.get("step"),
                              "checkpoint": summary.get("checkpoint"), "mlflow_run_id": summary["mlflow_run_id"],
                              "metrics": metrics, "evaluation": evaluation, "history": history,
-                             "ended_unix": time.time()})
+                             "resumed_from": resumed_from, "ended_unix": time.time()})
 
 
 def evaluate_trial(protocol: dict, checkpoint: str, tracking_uri: str, storage_uri: str) -> dict:
@@ -1071,7 +1076,8 @@ def _run_trials(plan: SweepPlan, names: list[str], todo: list[str], parent: str,
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(names)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=scheduler,
+        # reuse_actors: a finished trial's actor (a process that imported torch) runs the next trial.
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=scheduler, reuse_actors=True,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
             name=f"{TUNE_DIR}-{attempt:02d}", storage_path=storage.root,
@@ -1097,6 +1103,8 @@ def _summarize(plan: SweepPlan, state: SweepState, driver: _Driver, parent: str)
                 entry["evaluation"] = record["evaluation"]
             if record.get("error"):
                 entry["error"] = record["error"]
+            if record.get("resumed_from"):
+                entry["resumed_from"] = record["resumed_from"]
         else:
             run = read_run_record(plan.sweep_storage, t.name)
             latest = latest_checkpoint_state(plan.sweep_storage.child(t.name))

@@ -557,6 +557,7 @@ def run_worker(payload: dict, session) -> None:
 
     def stop(message: str) -> None:
         if tracker is not None:
+            tracker.retry_timeout_s = min(tracker.retry_timeout_s, 10.0)  # best effort: the server may be gone
             with contextlib.suppress(DCDiTError):
                 tracker.set_tags(run_id, {"dcdit.error": message})
         session.report({**last_metrics, "step": last_checkpoint or 0, "error": message})

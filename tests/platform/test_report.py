@@ -238,7 +238,7 @@ def test_detail_probe_of_the_trained_run_is_reported_and_logged(sweep):
     assert "![boundary maps DC-DiT-tiny_N4_lam0.03](figures/boundaries_DC-DiT-tiny_N4_lam0.03.png)" in text
     assert (sweep["out"] / "figures" / "boundaries_DC-DiT-tiny_N4_lam0.03.png").stat().st_size > 1000
     # Runs without a checkpoint say so instead of inventing a number.
-    assert "DC-DiT-tiny_N8_lam0.03: not probed (no readable checkpoint" in text
+    assert "DC-DiT-tiny_N8_lam0.03: not probed (no readable checkpoint: none in" in text
     findings = summary["findings"]
     assert any("Boundaries follow the ground-truth detail masks in" in line for line in findings["detail"])
     assert any(line.startswith("DC-DiT-tiny_N4_lam0.03: kept fraction") for line in findings["timestep"])

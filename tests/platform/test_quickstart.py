@@ -1,0 +1,133 @@
+"""`dcdit quickstart` end to end at a reduced size, as a user runs it (a subprocess: its own embedded Ray and MLflow
+store), checked against the MLflow store read back with MLflow's own client and rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from dcdit_platform.cli import main
+from report_support import Chromium, chromium_binary
+
+pytestmark = pytest.mark.slow
+
+TRIALS = {"DC-DiT-tiny_N2_lam0.03", "DC-DiT-tiny_N2_lam0.3", "DC-DiT-tiny_N4_lam0.03", "DC-DiT-tiny_N4_lam0.3",
+          "DiT-tiny_2", "DiT-tiny_4"}
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dcdit_platform.cli", "quickstart", *args], capture_output=True,
+                          text=True, env=env, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The packaged quickstart sweep with 6 steps per run, 16 samples per evaluation and a smaller reference set."""
+    root = tmp_path_factory.mktemp("quickstart")
+    config = root / "sweep.yaml"
+    config.write_text(f"_base_: {REPO / 'experiments/quickstart/sweep.yaml'}\n"
+                      f"experiment: {REPO / 'experiments/quickstart/experiment.yaml'}\n"
+                      "evaluation: {reference_samples: 128, pr_reference_samples: 64}\n")
+    out = root / "qs"
+    args = ["--out", str(out), "--config", str(config), "--steps", "6", "--eval-samples", "16"]
+    done = _run([*args, "--no-fid", "--json"])
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {"out": out, "args": args, "summary": json.loads(done.stdout.strip().splitlines()[-1]), "root": root}
+
+
+@pytest.mark.timeout(1800)
+def test_quickstart_json_and_mlflow_agree(quickstart):
+    out, summary = quickstart["out"], quickstart["summary"]
+    assert {"report_html", "mlflow_run_id", "tracking_uri", "runs"} <= summary.keys()
+    assert summary["tracking_uri"] == f"sqlite:///{out.resolve().as_posix()}/mlflow.db"
+    assert Path(summary["report_html"]).is_file() and Path(summary["report_html"]).parent.parent == out.resolve()
+    assert summary["mlflow_ui"] == f"mlflow ui --backend-store-uri {summary['tracking_uri']}"
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert set(runs) == TRIALS
+    for name, run in runs.items():
+        assert {"name", "arch", "N", "lambda", "gflops", "fd"} <= run.keys()
+        assert "fid" not in run  # --no-fid: the domain extractor's distance is FD, never called FID
+        assert run["gflops"] > 0 and math.isfinite(run["fd"])
+        if name.startswith("DiT"):
+            assert run["arch"] == "dit" and run["N"] is None and run["lambda"] is None
+        else:
+            assert run["arch"] == "dcdit" and (run["N"], run["lambda"]) in {(2, 0.03), (2, 0.3), (4, 0.03), (4, 0.3)}
+            assert 0.0 <= run["detail_auc"] <= 1.0
+
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    parent = client.get_run(summary["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.data.tags["dcdit.run_name"] for c in children} == TRIALS
+    for child in children:
+        assert child.info.status == "FINISHED"
+        fd = {k: v for k, v in child.data.metrics.items() if k.startswith("eval/") and k.endswith("/fd")}
+        assert len(fd) == 1
+        assert math.isclose(next(iter(fd.values())), runs[child.data.tags["dcdit.run_name"]]["fd"], rel_tol=1e-12)
+        gflops = next(v for k, v in child.data.metrics.items() if k.endswith("/gflops_per_image"))
+        assert math.isclose(gflops, runs[child.data.tags["dcdit.run_name"]]["gflops"], rel_tol=1e-12)
+    artifacts = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report.html", "report.md", "runs.csv", "figures"} <= artifacts
+    # The science is stated, not only plotted.
+    findings = summary["findings"]
+    assert findings["detail"][0].startswith("Boundaries follow the ground-truth detail masks in")
+    assert sum("kept fraction" in line for line in findings["timestep"]) == 4
+
+
+def test_quickstart_report_renders_in_headless_chromium(quickstart, tmp_path):
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("Chromium is not installed (.ci/run installs the Debian package `chromium`)")
+    summary = quickstart["summary"]
+    browser = Chromium(binary, tmp_path)
+    try:
+        rendered = browser.render(Path(summary["report_html"]), tmp_path / "quickstart.png")
+    finally:
+        browser.close()
+    assert rendered.errors == []
+    assert len(rendered.images) >= 4 + 4  # Pareto, timestep, loss, 4 boundary maps (+ sample grids)
+    assert all(image["complete"] and image["width"] > 0 for image in rendered.images)
+    assert not rendered.blank()
+
+
+def test_other_settings_in_the_same_folder_are_refused_in_one_line(quickstart, capsys):
+    rc = main(["quickstart", *quickstart["args"][:-4], "--steps", "7", "--eval-samples", "16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "holds a quickstart run with other settings" in err[0]
+
+
+@pytest.mark.timeout(1200)
+def test_fid_is_added_when_inception_weights_are_present(quickstart, tmp_path):
+    """Re-running with Inception weights in the torch hub cache (seeded random ones: the real file cannot be
+    downloaded here) keeps the finished runs, adds FID next to FD, and the report keeps the two protocols apart."""
+    from dcdit.features import INCEPTION_WEIGHTS_FILE
+    from eval_support import random_inception_weights
+
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / INCEPTION_WEIGHTS_FILE).write_bytes(Path(random_inception_weights(str(tmp_path))).read_bytes())
+    done = _run([*quickstart["args"], "--fid", "--json"], env={"TORCH_HOME": str(tmp_path / "torch")})
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["mlflow_run_id"] == quickstart["summary"]["mlflow_run_id"]  # the same sweep, not re-trained
+    first = {r["name"]: r for r in quickstart["summary"]["runs"]}
+    for run in summary["runs"]:
+        assert math.isfinite(run["fid"]) and run["fd"] == first[run["name"]]["fd"]
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    for run in summary["runs"]:
+        metrics = client.get_run(run["run_id"]).data.metrics
+        fids = [v for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/fid")]
+        assert len(fids) == 1 and math.isclose(fids[0], run["fid"], rel_tol=1e-12)
+    text = Path(summary["report_md"]).read_text()
+    assert "WARNING: 2 different evaluation protocols" in text and "extractor" in text
