@@ -103,7 +103,7 @@ def main() -> None:
         import ray
 
         t0 = time.perf_counter()
-        ray.init(num_cpus=2, logging_level="warning", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, logging_level="warning", log_to_driver=False)
         ray_init = time.perf_counter() - t0
         try:
             w1 = platform_run(one, "bench-1w")

@@ -127,11 +127,6 @@ class Extractor:
         """'FID' for Inception features, 'FD' for any other extractor (never call those FID)."""
         return "FID" if self.is_inception else "FD"
 
-    @property
-    def key(self) -> str:
-        """A short hash of `identity`."""
-        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
-
     @torch.no_grad()
     def __call__(self, images: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
         images = as_uint8_nchw(images)

@@ -1062,7 +1062,7 @@ def resolve_reference(ref_spec: str, synthetic_params: dict | None, spec: Extrac
         cached_spatial = FeatureStats.from_arrays(arrays, "s") if "sum_s" in arrays else None
         feats = arrays.get("features")
         echo(f"reference statistics from cache {storage.join(rel)}")
-        return Reference(source.label, ref_id, stats_pool or cached_pool, stats_spatial or cached_spatial,
+        return Reference(source.label, ref_id, _first(stats_pool, cached_pool), _first(stats_spatial, cached_spatial),
                          feats if feats is not None and len(feats) else None, cached=True, key=key)
     echo(f"computing reference statistics of {count} images of {source.label} (cached afterwards)")
     chosen = reference_selection(source.size, count)
@@ -1091,8 +1091,13 @@ def resolve_reference(ref_spec: str, synthetic_params: dict | None, spec: Extrac
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     storage.write_bytes(rel, buffer.getvalue())
-    return Reference(source.label, ref_id, stats_pool or merged.stats["pool"],
-                     stats_spatial or merged.stats.get("spatial"), features if len(features) else None, key=key)
+    return Reference(source.label, ref_id, _first(stats_pool, merged.stats["pool"]),
+                     _first(stats_spatial, merged.stats.get("spatial")), features if len(features) else None, key=key)
+
+
+def _first(preferred, fallback):
+    """An npz's own statistics win over those computed from its images."""
+    return preferred if preferred is not None else fallback
 
 
 def _evaluate_plan(cfg: EvalConfig, plan: SamplingPlan, pool: ActorPool, shape, reference: Reference,

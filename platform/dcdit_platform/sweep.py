@@ -741,6 +741,7 @@ def trial_main(config: dict, ctx: dict | None = None) -> None:
     from dcdit_platform.tracking import Tracker
     from dcdit_platform.train import plan_run, run_training
 
+    started = time.perf_counter()
     ctx = ctx or {}
     name = config["trial"]
     for key, value in ctx.get("env", {}).items():
@@ -779,7 +780,8 @@ def trial_main(config: dict, ctx: dict | None = None) -> None:
     state.write_trial(name, {"name": name, "status": FINISHED, "step": summary.get("step"),
                              "checkpoint": summary.get("checkpoint"), "mlflow_run_id": summary["mlflow_run_id"],
                              "metrics": metrics, "evaluation": evaluation, "history": history,
-                             "resumed_from": resumed_from, "ended_unix": time.time()})
+                             "resumed_from": resumed_from, "wall_s": round(time.perf_counter() - started, 3),
+                             "ended_unix": time.time()})
 
 
 def evaluate_trial(protocol: dict, checkpoint: str, tracking_uri: str, storage_uri: str) -> dict:
@@ -790,10 +792,13 @@ def evaluate_trial(protocol: dict, checkpoint: str, tracking_uri: str, storage_u
 
     result = evaluate(EvalConfig(checkpoint=checkpoint, tracking_uri=tracking_uri, storage=storage_uri, track=True,
                                  **protocol), echo=lambda text: print(f"dcdit sweep eval: {text}", file=sys.stderr))
-    keep = ("fid", "fd", "sfid", "is", "is_std", "kid", "kid_std", "precision", "recall", "accuracy", "slug",
-            "result_uri")
-    return {k: v for k, v in result.items() if k in keep or (k.startswith(("fid", "is_", "kid", "pr")) and
-                                                              _is_number(v))}
+    return {k: v for k, v in result.items() if k in EVAL_KEYS}
+
+
+# What a trial's summary keeps of an evaluation (dcdit_platform.evaluate's summary): the metrics, where the full
+# result lies, and the per-rho results of a tail-drop sweep.
+EVAL_KEYS = ("fid", "fd", "sfid", "is_mean", "is_std", "kid_mean", "kid_std", "kd_mean", "kd_std", "precision",
+             "recall", "class_accuracy", "num_samples", "step", "slug", "result_uri", "sweep")
 
 
 def _is_number(value: Any) -> bool:
@@ -841,8 +846,9 @@ def _error_text(trial) -> str:
     with contextlib.suppress(Exception):
         text = Path(trial.error_file).read_text() if trial.error_file else ""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    picked = next((ln for ln in reversed(lines) if "DCDiTError" in ln), None) or next(
-        (ln for ln in reversed(lines) if re.search(r"\w+(Error|Exception)\b", ln)), None) or (lines[-1] if lines else "")
+    ours = [ln for ln in lines if "DCDiTError" in ln]
+    errors = [ln for ln in lines if re.search(r"\w+(Error|Exception)\b", ln)]
+    picked = (ours or errors or lines or [""])[-1]
     picked = picked.split("DCDiTError: ", 1)[-1]
     return redact(" ".join(picked.split()))[:400] or "the trial failed (see Tune's error file)"
 
@@ -1076,8 +1082,10 @@ def _run_trials(plan: SweepPlan, names: list[str], todo: list[str], parent: str,
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(names)},
-        # reuse_actors: a finished trial's actor (a process that imported torch) runs the next trial.
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=scheduler, reuse_actors=True,
+        # A finished trial's actor (a process that has imported torch) runs the next trial. Not with a scheduler:
+        # Tune caches the actor of an early-stopped trial whose Train run would go on holding its workers.
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=scheduler,
+                                    reuse_actors=scheduler is None,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
             name=f"{TUNE_DIR}-{attempt:02d}", storage_path=storage.root,
@@ -1103,8 +1111,9 @@ def _summarize(plan: SweepPlan, state: SweepState, driver: _Driver, parent: str)
                 entry["evaluation"] = record["evaluation"]
             if record.get("error"):
                 entry["error"] = record["error"]
-            if record.get("resumed_from"):
-                entry["resumed_from"] = record["resumed_from"]
+            for key in ("resumed_from", "wall_s"):
+                if record.get(key) is not None:
+                    entry[key] = record[key]
         else:
             run = read_run_record(plan.sweep_storage, t.name)
             latest = latest_checkpoint_state(plan.sweep_storage.child(t.name))

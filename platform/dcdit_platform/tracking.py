@@ -8,11 +8,14 @@ Train worker (whose working directory Ray changes) and in a Tune trial.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -276,8 +279,13 @@ class Tracker:
             [exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{_quote(parent_run_id)}'", max_results=10_000)))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        """FINISHED, FAILED or KILLED."""
-        self._call("end run", lambda: self.client.set_terminated(run_id, status))
+        """FINISHED, FAILED or KILLED. MLflow prints the run's URL (with any user:password@ of the tracking URI)
+        to stdout here; it is shown redacted on stderr instead, so stdout stays clean for --json."""
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            self._call("end run", lambda: self.client.set_terminated(run_id, status))
+        if printed.getvalue().strip():
+            sys.stderr.write(redact(printed.getvalue()))
 
     def get_run(self, run_id: str):
         return self._call("get run", lambda: self.client.get_run(run_id))

@@ -876,7 +876,8 @@ def _init_ray(config: ExperimentConfig, address: str | None) -> bool:
             raise DCDiTError(f"{res.num_workers} workers x {res.gpus_per_worker:g} GPUs need more GPUs than the "
                              f"{gpus} this machine has; lower resources.num_workers or pass --address")
     # The dashboard stays on: Ray Train V2 and Tune use the State API it serves.
-    ray.init(num_cpus=cpus, logging_level="warning", include_dashboard=True)
+    # address="local": always a new embedded cluster, even if `ray start` left one running on this machine.
+    ray.init(address="local", num_cpus=cpus, logging_level="warning", include_dashboard=True)
     return True
 
 

@@ -165,11 +165,26 @@ def test_stale_cache_is_never_used_and_domain_fd(ray_cluster, setup, tmp_path):
     assert f"{first['reference_id'].split(':')[1]}" in " ".join(cache)
 
 
-def test_domain_extractor_lite_cfg_tail_drop_sweep_on_dcdit(ray_cluster, setup, tmp_path):
+def test_domain_extractor_lite_cfg_tail_drop_sweep_on_dcdit_against_an_adm_style_npz(ray_cluster, setup, tmp_path):
+    from dcdit.data.synthetic import render
+    from dcdit.features import build_extractor
+    from dcdit.metrics import FeatureStats
+    from dcdit_platform.evaluate import domain_classifier_path
+
+    # An ADM-style reference batch: mu/sigma of the "training set" (no counts) plus arr_0 images for PR/KID.
+    classifier = domain_classifier_path(open_storage(str(setup["root"])), {
+        "kind": "synthetic", "seed": 0, "image_size": 8, "num_classes": 4, "num_samples": 64})
+    train = build_extractor(DOMAIN_EXTRACTOR, classifier)(render(np.arange(200), image_size=8, num_classes=4).images)
+    stats = FeatureStats.from_features(train["pool"])
+    npz = tmp_path / "VIRTUAL_synthetic8_labeled.npz"
+    np.savez(npz, mu=stats.mean(), sigma=stats.covariance(),
+             arr_0=render(np.arange(500, 512), image_size=8, num_classes=4).images)
+
     ckpt = tiny_checkpoint(tmp_path, arch="dcdit", run_name="tiny-dc", image_size=8, num_classes=4)
     s = evaluate(EvalConfig(checkpoint=str(ckpt), extractor=DOMAIN_EXTRACTOR, tail_drop_sweep=(0.0, 0.5),
-                            lite_cfg=True, workers=2, storage=str(setup["root"]), **PROTOCOL))
+                            lite_cfg=True, workers=2, storage=str(setup["root"]), reference=str(npz), **PROTOCOL))
     assert s["mlflow_logged"] is False  # the checkpoint names no MLflow run
+    assert s["reference_id"].startswith("npz:")
     assert s["rho"] == [0.0, 0.5] and s["cfg_scale"] == 1.25 and s["lite_cfg"]
     first, second = s["sweep"]
     for entry in (first, second):

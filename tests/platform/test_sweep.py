@@ -64,7 +64,8 @@ def test_bad_grid_value_names_the_trial_and_key(tmp_path):
                                                 r"'flop_matched'\?\)"),
     ("scheduler: {type: hyperband}", r"scheduler.type='hyperband' must be one of 'none', 'asha'"),
     ("scheduler: {type: asha, metric: eval/fid}", r"scheduler.metric='eval/fid' is computed after a trial ends"),
-    ("scheduler: {type: asha, grace_priod: 2}", r"unknown config key 'scheduler.grace_priod' \(did you mean 'grace_period'\?\)"),
+    ("scheduler: {type: asha, grace_priod: 2}",
+     r"unknown config key 'scheduler.grace_priod' \(did you mean 'grace_period'\?\)"),
     ("grid: {train.lr: 1.0e-4}", r"grid.train.lr=0.0001 must be a non-empty list"),
     ("max_concurrent_trials: 0", r"max_concurrent_trials=0 must be >= 1"),
     ("resources: {num_wrokers: 2}", r"'resources.num_wrokers' is not a config key \(did you mean "

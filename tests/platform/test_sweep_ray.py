@@ -117,15 +117,21 @@ def check_children(client, parent, children: dict, summary: dict) -> None:
 
 # --- resume after the driver is killed ----------------------------------------------------------------------------
 
-def test_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path, mlflow_server):
-    """SIGKILL the driver once the two DC-DiT trials finished and the (longer) DiT trial has a checkpoint; the same
-    command with --resume keeps the finished trials' runs untouched and continues the DiT from its checkpoint in
-    its own MLflow run, without Tune's tuner.pkl (truncated here, as ray#58179 leaves it)."""
+def test_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path_factory, tmp_path, mlflow_server):
+    """SIGKILL the driver once the two DC-DiT trials finished (trained and evaluated) and the (longer) DiT trial has
+    a checkpoint; the same command with --resume keeps the finished trials' runs untouched and continues the DiT
+    from its checkpoint in its own MLflow run, without Tune's tuner.pkl (truncated here, as ray#58179 leaves it).
+    Every trial runs the sweep's evaluation protocol (a tiny FID with offline stand-in Inception weights)."""
+    from eval_support import random_inception_weights
+
+    weights = random_inception_weights(str(tmp_path_factory.getbasetemp()))
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"_base_: {SMOKE}\n"
                      "baselines:\n"
                      "  - model: {patch_size: 2}\n"
-                     "    overrides: {train.steps: 40, checkpoint.every: 4, logging.every: 4}\n")
+                     "    overrides: {train.steps: 80, checkpoint.every: 8, logging.every: 8}\n"
+                     "evaluation: {num_samples: 8, sampler: ddim, sample_steps: 2, batch_size: 2, shard_size: 2,"
+                     f" reference_samples: 10, metrics: [fid], weights: {weights}}}\n")
     storage, experiment = tmp_path / "runs", f"sweep-resume-{uuid.uuid4().hex[:6]}"
     root = storage / "smoke-sweep"
     args = sweep_args(sweep, storage, mlflow_server.uri, experiment)
@@ -133,24 +139,27 @@ def test_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path
     with open(log1, "wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
     try:
-        def ready():
-            done = [n for n in SMOKE_TRIALS[:2] if (root / "_trials" / f"{n}.json").is_file()]
-            ckpts = list((root / "DiT-tiny_2").glob("checkpoint_*/MANIFEST.json"))
-            return len(done) == 2 and ckpts and not (root / "_trials" / "DiT-tiny_2.json").exists()
+        def done():
+            return [n for n in SMOKE_TRIALS if (root / "_trials" / f"{n}.json").is_file()]
 
-        wait_for(ready, 420, "two finished trials and a DiT checkpoint", proc, log1)
+        def ready():
+            ckpts = list((root / "DiT-tiny_2").glob("checkpoint_*/MANIFEST.json"))
+            return done() and ckpts and "DiT-tiny_2" not in done()
+
+        wait_for(ready, 420, "a finished trial and a DiT checkpoint", proc, log1)
         time.sleep(2.5)  # Ray Train registers a reported checkpoint within ~2 s (its polling interval)
-        assert not (root / "_trials" / "DiT-tiny_2.json").exists(), "the DiT trial finished before the kill"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        finished = done()
     finally:
         kill_group(proc)  # the local Ray this driver started: the "lost head node"
     assert proc.returncode == -signal.SIGKILL
+    assert finished and "DiT-tiny_2" not in finished, f"the DiT trial finished before the kill: {finished}"
 
     client, parent, children = mlflow_runs(mlflow_server.uri, experiment)
-    before = {n: (children[n].info.status, children[n].info.end_time,
+    before = {n: (children[n].info.status, children[n].info.end_time, children[n].data.metrics,
                   [(m.step, m.value) for m in client.get_metric_history(children[n].info.run_id, "train/loss")],
-                  (root / "_trials" / f"{n}.json").read_text()) for n in SMOKE_TRIALS[:2]}
+                  (root / "_trials" / f"{n}.json").read_text()) for n in finished}
     assert all(b[0] == "FINISHED" for b in before.values())
     dit_run = json.loads((root / "DiT-tiny_2" / "dcdit_run.json").read_text())["mlflow_run_id"]
     assert children["DiT-tiny_2"].info.run_id == dit_run
@@ -160,24 +169,30 @@ def test_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=cli_env(), timeout=480)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     summary = last_json(resumed.stdout)
-    assert "2 trial(s) already done, not re-run: DC-DiT-tiny_N4_lam0.01, DC-DiT-tiny_N4_lam0.1" in resumed.stderr
-    for name in SMOKE_TRIALS[:2]:
+    assert f"{len(finished)} trial(s) already done, not re-run: {', '.join(finished)}" in resumed.stderr
+    for name in finished:
         assert f"trial {name} started" not in resumed.stderr
 
     client, parent, children = mlflow_runs(mlflow_server.uri, experiment)
     check_summary(summary, SMOKE_TRIALS, parent.info.run_id, storage, "smoke-sweep")
     check_children(client, parent, children, summary)
-    for name in SMOKE_TRIALS[:2]:
-        after = (children[name].info.status, children[name].info.end_time,
+    for name in finished:
+        after = (children[name].info.status, children[name].info.end_time, children[name].data.metrics,
                  [(m.step, m.value) for m in client.get_metric_history(children[name].info.run_id, "train/loss")],
                  (root / "_trials" / f"{name}.json").read_text())
         assert after == before[name], f"{name} was touched by the resume"
     assert children["DiT-tiny_2"].info.run_id == dit_run
-    assert summary["trials"][2]["step"] == 40
-    assert summary["trials"][2]["resumed_from"].startswith("checkpoint_000000")  # not from scratch
-    assert all("resumed_from" not in t for t in summary["trials"][:2])
-    dit_steps = [m.step for m in client.get_metric_history(dit_run, "train/loss")]
-    assert dit_steps == list(range(4, 41, 4))
+    dit = summary["trials"][2]
+    assert dit["step"] == 80 and dit["resumed_from"].startswith("checkpoint_000000")  # not from scratch
+    assert [m.step for m in client.get_metric_history(dit_run, "train/loss")] == list(range(8, 81, 8))
+    for trial in summary["trials"]:  # the evaluation protocol ran on every trial, into the trial's own run
+        fid = trial["metrics"]["eval/fid"]
+        assert fid >= 0 and trial["evaluation"]["num_samples"] == 8
+        prefix = f"eval/{trial['evaluation']['slug']}"
+        assert children[trial["name"]].data.metrics[f"{prefix}/fid"] == pytest.approx(fid)
+        if trial["name"] in finished:
+            assert "resumed_from" not in trial
+            assert len(client.get_metric_history(trial["mlflow_run_id"], f"{prefix}/fid")) == 1
     assert json.loads((root / "sweep.json").read_text())["attempts"] == 2
 
 

@@ -42,7 +42,7 @@ def test_default_tracking_uri_is_an_absolute_sqlite_path(tmp_path, monkeypatch):
         default_tracking_uri("s3://bucket/prefix")
 
 
-def test_runs_params_metrics_tags_and_artifacts_over_http(mlflow_server):
+def test_runs_params_metrics_tags_and_artifacts_over_http(mlflow_server, capsys):
     tracker = Tracker(mlflow_server.uri_with_credentials("alice", "pw-0123456789"))
     parent = tracker.open_run(experiment="tracking-test", run_name="sweep")
     run_id = tracker.open_run(experiment="tracking-test", run_name="trial-1", parent_run_id=parent,
@@ -59,6 +59,8 @@ def test_runs_params_metrics_tags_and_artifacts_over_http(mlflow_server):
     assert tracker.last_logged_step(run_id) == 3
     tracker.log_text(run_id, "uri: http://alice:pw-0123456789@x\nkey: s3-key-value-1\n", "config/resolved.yaml")
     tracker.finish(run_id)
+    printed = capsys.readouterr()
+    assert "pw-0123456789" not in printed.out + printed.err and "alice:***@" in printed.err  # MLflow's run URL
 
     run = tracker.get_run(run_id)
     assert run.info.status == "FINISHED"
