@@ -1,6 +1,6 @@
 """Overhead of the training platform, measured in one run:
 
-    .venv/bin/python benchmarks/train_overhead.py [--steps 50] [--batch 16] [--hidden 256] [--depth 4]
+    .venv/bin/python benchmarks/train_overhead.py [--steps 50] [--batch 16] [--hidden 128] [--depth 4]
 
 1. A plain single-process PyTorch loop: the same DC-DiT (synthetic 32x32 RGB), objective, reader, AdamW, grad clip
    and EMA as `dcdit train`, nothing else (no Ray, no DDP, no MLflow, no checkpoints), one CPU thread.
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)
     args = parser.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")

@@ -94,12 +94,13 @@ class FeatureStats:
     def moments(self) -> Moments:
         return Moments(self.mean(), self.covariance(), self.n)
 
-    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
-        """Arrays for an npz file: the sums, plus ADM-compatible `mu`/`sigma` (prefix '' or e.g. 's' -> mu_s)."""
+    def to_arrays(self, prefix: str = "", *, moments: bool = True) -> dict[str, np.ndarray]:
+        """Arrays for an npz file: the sums, plus (with `moments`) ADM-compatible `mu`/`sigma`; prefix 's' gives
+        n_s, sum_s, ..., mu_s, sigma_s."""
         suffix = f"_{prefix}" if prefix else ""
         out = {f"n{suffix}": np.array(self.n, np.int64), f"sum{suffix}": self.sum,
                f"sum_outer{suffix}": self.sum_outer}
-        if self.n >= 2:
+        if moments and self.n >= 2:
             out[f"mu{suffix}"] = self.mean()
             out[f"sigma{suffix}"] = self.covariance()
         return out
@@ -166,8 +167,8 @@ def frechet_distance(a: Moments | FeatureStats, b: Moments | FeatureStats, *, na
     few = [str(m.n) for m in (a, b) if m.n is not None and m.n < dim]
     if few:
         warnings.warn(f"{name} from {' and '.join(few)} samples in {dim} dimensions: the covariance is singular and "
-                      f"the estimate is biased; use at least {dim} samples (50,000 for FID-50K) for numbers that "
-                      "compare with papers", BiasedEstimateWarning, stacklevel=2)
+                      f"the estimate is biased; use at least {dim} samples for numbers that compare (papers use "
+                      "50,000)", BiasedEstimateWarning, stacklevel=2)
     diff = a.mu - b.mu
     if method == "eigh":
         cross = _trace_sqrt_product(a, b)

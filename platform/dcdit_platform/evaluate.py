@@ -449,7 +449,7 @@ class EvalWorker:
             if isinstance(out[key], list):
                 out[key] = np.concatenate(out[key]) if out[key] else None
         out.update({"shard": task["shard"], "pid": os.getpid(),
-                    "stats": {k: v.to_arrays() for k, v in stats.items()}})
+                    "stats": {k: v.to_arrays(moments=False) for k, v in stats.items()}})  # the sums travel
         return out
 
     def _extract(self, task: dict) -> dict:

@@ -66,7 +66,7 @@ class SchedulerSpec:
     mode: typing.Literal["min", "max"] = "min"
     grace_period: int | None = None  # steps before a trial can be stopped; None = the first checkpoint step
     reduction_factor: float = 3.0
-    max_t: int | None = None  # None = the longest trial's train.steps
+    max_t: int | None = None  # trials reaching it are stopped; None = past the longest trial's train.steps
 
     def validate(self) -> None:
         _need(bool(self.metric), "scheduler.metric", self.metric, "must name a reported metric, e.g. train/loss")
@@ -113,6 +113,7 @@ class SweepSpec:
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     resources: dict[str, Any] = field(default_factory=dict)  # resources.* of every trial, plus trial_cpus
     max_concurrent_trials: int | None = None  # None = as many as the cluster fits; larger values are capped
+    autoscaling: bool = False  # the cluster adds nodes on demand: do not cap by the nodes present at the start
     max_failures: int = 2  # Tune restarts of a failed trial (each resumes its Train run from its checkpoint)
     evaluation: dict[str, Any] | None = None  # an EvalConfig protocol run on every finished trial
 
@@ -179,13 +180,15 @@ def parse_sweep(data: dict[str, Any], where: str = "sweep") -> SweepSpec:
 
 
 def _check_scalar_types(values: dict[str, Any]) -> None:
-    kinds = {"experiment": str, "name": str, "label": str, "max_concurrent_trials": int, "max_failures": int}
+    kinds = {"experiment": str, "name": str, "label": str, "max_concurrent_trials": int, "max_failures": int,
+             "autoscaling": bool}
     for key, value in values.items():
         want = kinds[key]
         if value is None and key not in ("experiment",):
             continue
-        if isinstance(value, bool) or not isinstance(value, want):
-            raise DCDiTError(f"{key}={value!r} must be {'a string' if want is str else 'an integer'}")
+        if (isinstance(value, bool) and want is not bool) or not isinstance(value, want):
+            kind = {str: "a string", int: "an integer", bool: "true or false"}[want]
+            raise DCDiTError(f"{key}={value!r} must be {kind}")
 
 
 def _parse_baseline(item: Any, index: int) -> BaselineSpec:
@@ -653,10 +656,13 @@ def trials_that_fit(nodes: Sequence[dict[str, float]], footprint: TrialFootprint
 
 
 def resolve_max_concurrent(requested: int | None, nodes: Sequence[dict[str, float]], footprint: TrialFootprint,
-                           pending: int, *, local: bool) -> tuple[int, str | None]:
-    """(max_concurrent_trials, warning or None): what fits now, capped by the requested value and the trial count."""
+                           pending: int, *, local: bool, autoscaling: bool = False) -> tuple[int, str | None]:
+    """(max_concurrent_trials, warning or None): what fits now, capped by the requested value and the trial count.
+    On an autoscaling cluster the requested value stands (pending trials are what makes it add nodes)."""
     fit = trials_that_fit(nodes, footprint, max(pending, 1))
     want = requested if requested is not None else max(pending, 1)
+    if autoscaling and not local:
+        return min(want, max(pending, 1)), None
     if fit == 0:
         need = ", ".join(f"{k} {v:g}" for k, v in _sum_bundles(footprint).items())
         biggest = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
@@ -824,7 +830,11 @@ def _tune_callback_class():
             self.driver = driver
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self.driver.echo(f"trial {trial_name(trial)} started")
+            name = trial_name(trial)
+            if name in self.driver.replayed:
+                self.driver.echo(f"trial {name} is done; replaying its metrics to the scheduler")
+            else:
+                self.driver.echo(f"trial {name} started")
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             self.driver.echo(f"trial {trial_name(trial)} failed; retrying (attempt {trial.num_failures + 1}), "
@@ -883,17 +893,22 @@ class _Driver:
         status = FAILED if error else STOPPED
         latest = latest_checkpoint_state(self.plan.sweep_storage.child(name))
         run_id = self.trial_run_id(name)
+        steps = self.plan.trial(name).config.train.steps
+        if status == STOPPED and latest and latest[1].get("step", 0) >= steps and self.plan.spec.evaluation is None:
+            status = FINISHED  # stopped right after its last step: it trained to the end
         self.state.write_trial(name, {
             "name": name, "status": status, "step": latest[1].get("step") if latest else None,
             "checkpoint": self.plan.sweep_storage.join(name, latest[0]) if latest else None, "mlflow_run_id": run_id,
             "metrics": dict(latest[1].get("metrics", {})) if latest else {}, "error": error,
-            "history": self._history(run_id) if status == STOPPED else [], "ended_unix": time.time()})
+            "history": self._history(run_id) if status in FINAL else [], "ended_unix": time.time()})
         if run_id:
             with contextlib.suppress(DCDiTError):
                 self.tracker.set_tags(run_id, {"dcdit.sweep.status": status, **({"dcdit.error": error} if error
                                                                                   else {})})
-                self.tracker.finish(run_id, "KILLED" if status == STOPPED else "FAILED")
-        self.echo(f"trial {name} {'stopped early by the scheduler' if status == STOPPED else 'failed: ' + error}")
+                self.tracker.finish(run_id, {STOPPED: "KILLED", FAILED: "FAILED"}.get(status, "FINISHED"))
+        what = {STOPPED: f"stopped early by the scheduler at step {latest[1].get('step') if latest else 0}",
+                FINISHED: f"finished at step {steps}"}.get(status, f"failed: {error}")
+        self.echo(f"trial {name} {what}")
 
     def _history(self, run_id: str | None) -> list:
         metric = self.plan.spec.scheduler.metric if self.plan.spec.scheduler.type != "none" else None
@@ -1057,7 +1072,7 @@ def _run_trials(plan: SweepPlan, names: list[str], todo: list[str], parent: str,
 
     spec = plan.spec
     max_concurrent, warning = resolve_max_concurrent(spec.max_concurrent_trials, nodes, plan.footprint, len(todo),
-                                                     local=local)
+                                                     local=local, autoscaling=spec.autoscaling)
     if warning:
         echo(f"warning: {warning}")
     echo(f"running {len(todo)} trial(s), at most {max_concurrent} at once ({plan.footprint.num_workers} worker(s) "
@@ -1073,8 +1088,10 @@ def _run_trials(plan: SweepPlan, names: list[str], todo: list[str], parent: str,
     if spec.scheduler.type == "asha":
         s = spec.scheduler
         first = min(t.config.checkpoint.every for t in plan.trials)
+        # ASHA stops every trial that reaches max_t; by default that lies past the longest trial, so trials that
+        # are not cut at a rung end by finishing (and run their evaluation) rather than being stopped.
         scheduler = ASHAScheduler(time_attr="step", metric=s.metric, mode=s.mode,
-                                  max_t=s.max_t or max(t.config.train.steps for t in plan.trials),
+                                  max_t=s.max_t or max(t.config.train.steps for t in plan.trials) + 1,
                                   grace_period=s.grace_period or first, reduction_factor=s.reduction_factor)
     storage = plan.sweep_storage
     storage.makedirs()

@@ -934,8 +934,11 @@ def _failure_message(plan: RunPlan, err: Exception) -> str:
     else:
         lines = [ln for ln in str(root).splitlines() if ln.strip()]
         detail = f"{type(root).__name__}: {lines[-1] if lines else ''}"
-    latest = latest_checkpoint_state(plan.storage.child(plan.name))
-    kept = f"last good checkpoint {plan.storage.join(plan.name, latest[0])}" if latest else "no checkpoint yet"
+    try:
+        latest = latest_checkpoint_state(plan.storage.child(plan.name))
+        kept = f"last good checkpoint {plan.storage.join(plan.name, latest[0])}" if latest else "no checkpoint yet"
+    except DCDiTError:
+        kept = "the storage is unreachable now, so its last good checkpoint is unknown"
     return redact(f"training failed in {where} after {plan.config.checkpoint.max_failures} restart(s): "
                   f"{' '.join(detail.split())[:400]}; {kept}; fix and run `dcdit resume {plan.name}`")
 

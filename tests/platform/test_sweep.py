@@ -232,6 +232,8 @@ def test_a_trial_that_cannot_fit_is_an_error_locally_and_waits_for_autoscaling_r
         sw.resolve_max_concurrent(None, [{"CPU": 2.0}], fp, 3, local=True)
     count, warning = sw.resolve_max_concurrent(None, [{"CPU": 2.0}], fp, 3, local=False)
     assert count == 1 and "autoscaler" in warning
+    # A cluster that grows on demand: the sweep asks for what it wants, Ray's autoscaler adds the nodes.
+    assert sw.resolve_max_concurrent(8, [{"CPU": 2.0}], fp, 3, local=False, autoscaling=True) == (3, None)
 
 
 # --- resume guards -------------------------------------------------------------------------------------------------

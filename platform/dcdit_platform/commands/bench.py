@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import statistics
 import time
@@ -79,6 +80,7 @@ class Case:
     forward_flops: float = 0.0
     kept_fraction: float | None = None
     times: list[float] | None = None
+    cpu_times: list[float] | None = None
 
 
 def _autocast(precision: str):
@@ -144,18 +146,19 @@ def build_case(name: str, precision: str, args: argparse.Namespace, *, reference
             objective(model, x, y, step=0)
     label = name + (REFERENCE_SUFFIX if reference else "")
     return Case(label, precision, model, step, sum(p.numel() for p in model.parameters()), flops,
-                counter.get_total_flops(), kept_fraction, [])
+                counter.get_total_flops(), kept_fraction, [], [])
 
 
-def matmul_rate(dtype: torch.dtype, size: int = 2048, calls: int = 4) -> float:
-    """GFLOP/s of square matmuls of `size` in `dtype`: the machine's dense rate in this process, right now."""
+def matmul_rate(dtype: torch.dtype, size: int = 2048, calls: int = 4) -> tuple[float, float]:
+    """GFLOP/s of square matmuls of `size` in `dtype`, per wall-clock second and per CPU second of this process."""
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
     a @ b
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(calls):
         a @ b
-    return 2 * size**3 * calls / (time.perf_counter() - start) / 1e9
+    flops = 2 * size**3 * calls / 1e9
+    return flops / (time.perf_counter() - wall), flops / (time.process_time() - cpu)
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -165,6 +168,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = []
+    load_before = os.getloadavg()[0]
     with attention_backend(args.attention_backend):
         for precision in args.precision:
             for name in args.models:
@@ -172,34 +176,46 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 if args.reference and cases[-1].model.__class__.__name__ == "DiT":
                     cases.append(build_case(name, precision, args, reference=True))
         rates: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+        cpu_rates: dict[str, list[float]] = {p: [] for p in PRECISIONS}
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
         for round_index in range(args.warmup + args.repeats):
             timed = round_index >= args.warmup
             for precision in PRECISIONS:
-                rate = matmul_rate(dtypes[precision])
+                rate, cpu_rate = matmul_rate(dtypes[precision])
                 if timed:
                     rates[precision].append(rate)
+                    cpu_rates[precision].append(cpu_rate)
             for case in cases:
-                start = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.process_time()
                 case.step()
                 if timed:
-                    case.times.append(time.perf_counter() - start)
+                    case.times.append(time.perf_counter() - wall)
+                    case.cpu_times.append(time.process_time() - cpu)
     machine = {p: statistics.median(r) for p, r in rates.items()}
+    machine_cpu = {p: statistics.median(r) for p, r in cpu_rates.items()}
     results = []
     for case in cases:
         step_s = statistics.median(case.times)
         rate = case.flops_per_step / step_s / 1e9
+        cpu_rate = case.flops_per_step / statistics.median(case.cpu_times) / 1e9
         results.append({
             "model": case.name, "precision": case.precision, "params": case.params, "batch": args.batch,
             "flops_per_step": case.flops_per_step, "forward_flops": case.forward_flops,
             "step_ms": round(step_s * 1e3, 2), "step_ms_min": round(min(case.times) * 1e3, 2),
             "gflops_per_s": round(rate, 2),
             "fraction_of_machine_matmul": round(rate / machine[case.precision], 3),
+            # Per CPU-second of this process: steadier than wall time when other processes share the cores
+            # (exact with --threads 1; with more threads it also counts OpenMP spin-waiting).
+            "step_cpu_ms": round(statistics.median(case.cpu_times) * 1e3, 2),
+            "gflops_per_cpu_s": round(cpu_rate, 2),
+            "fraction_of_machine_matmul_cpu": round(cpu_rate / machine_cpu[case.precision], 3),
             **({"kept_fraction": round(case.kept_fraction, 4)} if case.kept_fraction is not None else {}),
         })
     return {
         "results": results,
         "machine_matmul_gflops": {p: round(r, 1) for p, r in machine.items()},
+        "machine_matmul_gflops_per_cpu_s": {p: round(r, 1) for p, r in machine_cpu.items()},
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "image_size": args.image_size, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.processor() or
         platform.machine(), "attention_backend": args.attention_backend,
@@ -224,7 +240,8 @@ def bench(args: argparse.Namespace) -> int:
 def format_table(summary: dict) -> str:
     machine = summary["machine_matmul_gflops"]
     lines = [f"machine matmul: fp32 {machine['fp32']:.1f} GFLOP/s, bf16 {machine['bf16']:.1f} GFLOP/s "
-             f"({summary['threads']} threads); batch {summary['batch']}, image {summary['image_size']}",
+             f"({summary['threads']} threads); batch {summary['batch']}, image {summary['image_size']}; "
+             f"load average {summary['load_average'][0]} -> {summary['load_average'][1]}",
              f"{'model':<22} {'prec':<5} {'params':>8} {'GFLOP/step':>11} {'step ms':>9} {'GFLOP/s':>8} "
              f"{'of matmul':>9} {'kept':>6}"]
     for r in summary["results"]:
