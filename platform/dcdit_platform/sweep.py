@@ -775,7 +775,8 @@ def trial_main(config: dict, ctx: dict | None = None) -> None:
     metrics = dict(summary.get("metrics") or {})
     evaluation = None
     if ctx.get("evaluation") is not None and summary.get("checkpoint"):
-        evaluation = evaluate_trial(ctx["evaluation"], summary["checkpoint"], ctx["tracking_uri"], ctx["sweep_uri"])
+        evaluation = evaluate_trial(ctx["evaluation"], summary["checkpoint"], ctx["tracking_uri"], ctx["sweep_uri"],
+                                    ctx.get("env"))
         metrics.update({f"eval/{k}": v for k, v in evaluation.items() if _is_number(v)})
     history: list = []
     if ctx.get("scheduler_metric"):
@@ -790,11 +791,28 @@ def trial_main(config: dict, ctx: dict | None = None) -> None:
                              "ended_unix": time.time()})
 
 
-def evaluate_trial(protocol: dict, checkpoint: str, tracking_uri: str, storage_uri: str) -> dict:
+def evaluate_trial(protocol: dict, checkpoint: str, tracking_uri: str, storage_uri: str,
+                   env: dict[str, str] | None = None) -> dict:
     """The sweep's evaluation protocol on a finished trial's checkpoint (dcdit_platform.evaluate); its metrics go to
     the trial's MLflow run and come back for the sweep summary. The trial's Train workers have ended by now, so
-    the evaluator's actors use the resources they held."""
+    the evaluator's actors use the resources they held.
+
+    Runs as a task outside the trial's placement group: Tune captures a trial's child tasks and actors into it,
+    and its one small bundle (the trial actor's CPU) cannot hold the evaluator's actors."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    task = ray.remote(num_cpus=0)(_evaluate).options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    # Credentials go through the object store (a reference in the task spec), as train.py passes its secrets.
+    return ray.get(task.remote(protocol, checkpoint, ray.put(tracking_uri), storage_uri, ray.put(env or {})))
+
+
+def _evaluate(protocol: dict, checkpoint: str, tracking_uri: str, storage_uri: str, env: dict[str, str]) -> dict:
     from dcdit_platform.evaluate import EvalConfig, evaluate
+
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
 
     result = evaluate(EvalConfig(checkpoint=checkpoint, tracking_uri=tracking_uri, storage=storage_uri, track=True,
                                  **protocol), echo=lambda text: print(f"dcdit sweep eval: {text}", file=sys.stderr))
