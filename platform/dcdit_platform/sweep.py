@@ -1048,8 +1048,9 @@ def _ray(address: str | None):
             # before ray.init so the local raylet, and every worker it starts, inherits it.
             port = _free_port()
             os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host="127.0.0.1",
-                     dashboard_port=port, logging_level="warning")
+            # address="local": a plain ray.init() would attach to any `ray start` cluster found on the machine.
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=True,
+                     dashboard_host="127.0.0.1", dashboard_port=port, logging_level="warning")
     except Exception as err:  # noqa: BLE001 - connection problems come in many types
         where = address or os.environ.get("RAY_ADDRESS") or "a local Ray"
         _restore_env(API_SERVER_ENV, saved)

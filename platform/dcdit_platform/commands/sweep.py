@@ -29,8 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("--tracking-uri", default=None, metavar="URI",
                    help="MLflow tracking URI (default sqlite:///<absolute storage path>/mlflow.db; required with S3)")
     p.add_argument("--address", default=None, metavar="ADDR",
-                   help="an existing Ray cluster (default: the cluster of a Ray job, else a local one); with token "
-                        "authentication set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")
+                   help="an existing Ray cluster: HOST:PORT, or auto for the one `ray start` began on this machine "
+                        "(default: the cluster of a Ray job, else a new local one); with token authentication set "
+                        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary last")
     p.set_defaults(func=sweep_command)
 
