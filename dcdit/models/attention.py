@@ -175,8 +175,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if (q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled()
             and (q.requires_grad or k.requires_grad or v.requires_grad)
             and q.shape[:-1].numel() * k.shape[-2] <= MATH_ATTENTION_MAX_SCORES):
-        scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
-        return torch.matmul(torch.softmax(scores, dim=-1), v)
+        *lead, length, dim = q.shape
+        q3, k3, v3 = (t.reshape(-1, t.shape[-2], dim) for t in (q, k, v))
+        # The 1/sqrt(d) scale rides in the GEMM (alpha); beta = 0 ignores the placeholder input.
+        scores = torch.baddbmm(q3.new_empty(1, 1, 1), q3, k3.transpose(1, 2), beta=0.0, alpha=dim**-0.5)
+        return torch.bmm(torch.softmax(scores, dim=-1), v3).view(*lead, length, dim)
     return F.scaled_dot_product_attention(q, k, v)
 
 

@@ -553,7 +553,7 @@ def run_worker(payload: dict, session) -> None:
     window = MetricWindow(config, macs_model(config))
     last_metrics = dict(ckpt.state.get("metrics", {})) if ckpt else {}
     last_checkpoint = start if ckpt else None
-    loop_started = time.perf_counter()
+    loop_started, loop_cpu_started = time.perf_counter(), time.process_time()
 
     def stop(message: str) -> None:
         if tracker is not None:
@@ -629,6 +629,7 @@ def run_worker(payload: dict, session) -> None:
                     dist.all_gather_object(gathered, rng)
                     rng = {k: v for part in gathered for k, v in part.items()}
                 metrics = {**metrics, "time/loop_s": time.perf_counter() - loop_started,
+                           "time/loop_cpu_s": time.process_time() - loop_cpu_started,
                            "time/worker_setup_s": loop_started - entered}
                 tmp = None
                 if rank == 0:

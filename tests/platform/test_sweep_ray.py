@@ -117,21 +117,15 @@ def check_children(client, parent, children: dict, summary: dict) -> None:
 
 # --- resume after the driver is killed ----------------------------------------------------------------------------
 
-def test_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path_factory, tmp_path, mlflow_server):
-    """SIGKILL the driver once the two DC-DiT trials finished (trained and evaluated) and the (longer) DiT trial has
-    a checkpoint; the same command with --resume keeps the finished trials' runs untouched and continues the DiT
-    from its checkpoint in its own MLflow run, without Tune's tuner.pkl (truncated here, as ray#58179 leaves it).
-    Every trial runs the sweep's evaluation protocol (a tiny FID with offline stand-in Inception weights)."""
-    from eval_support import random_inception_weights
-
-    weights = random_inception_weights(str(tmp_path_factory.getbasetemp()))
+def test_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path, mlflow_server):
+    """SIGKILL the driver once a DC-DiT trial finished and the (longer) DiT trial has a checkpoint; the same command
+    with --resume keeps the finished trials' runs untouched and continues the others from their checkpoints in their
+    own MLflow runs, without Tune's tuner.pkl (truncated here, as ray#58179 leaves it)."""
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"_base_: {SMOKE}\n"
                      "baselines:\n"
                      "  - model: {patch_size: 2}\n"
-                     "    overrides: {train.steps: 80, checkpoint.every: 8, logging.every: 8}\n"
-                     "evaluation: {num_samples: 8, sampler: ddim, sample_steps: 2, batch_size: 2, shard_size: 2,"
-                     f" reference_samples: 10, metrics: [fid], weights: {weights}}}\n")
+                     "    overrides: {train.steps: 40, checkpoint.every: 4, logging.every: 4}\n")
     storage, experiment = tmp_path / "runs", f"sweep-resume-{uuid.uuid4().hex[:6]}"
     root = storage / "smoke-sweep"
     args = sweep_args(sweep, storage, mlflow_server.uri, experiment)
@@ -183,17 +177,43 @@ def test_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path
         assert after == before[name], f"{name} was touched by the resume"
     assert children["DiT-tiny_2"].info.run_id == dit_run
     dit = summary["trials"][2]
-    assert dit["step"] == 80 and dit["resumed_from"].startswith("checkpoint_000000")  # not from scratch
-    assert [m.step for m in client.get_metric_history(dit_run, "train/loss")] == list(range(8, 81, 8))
-    for trial in summary["trials"]:  # the evaluation protocol ran on every trial, into the trial's own run
-        fid = trial["metrics"]["eval/fid"]
-        assert fid >= 0 and trial["evaluation"]["num_samples"] == 8
-        prefix = f"eval/{trial['evaluation']['slug']}"
-        assert children[trial["name"]].data.metrics[f"{prefix}/fid"] == pytest.approx(fid)
-        if trial["name"] in finished:
-            assert "resumed_from" not in trial
-            assert len(client.get_metric_history(trial["mlflow_run_id"], f"{prefix}/fid")) == 1
+    assert dit["step"] == 40 and dit["resumed_from"].startswith("checkpoint_000000")  # not from scratch
+    assert [m.step for m in client.get_metric_history(dit_run, "train/loss")] == list(range(4, 41, 4))
+    assert all("resumed_from" not in t for t in summary["trials"] if t["name"] in finished)
     assert json.loads((root / "sweep.json").read_text())["attempts"] == 2
+
+
+# --- the evaluation protocol ----------------------------------------------------------------------------------------
+
+def test_evaluation_protocol_runs_on_every_finished_trial(tmp_path_factory, tmp_path, mlflow_server):
+    """A one-trial sweep with an evaluation protocol (a tiny FID with offline stand-in Inception weights): the
+    evaluator runs outside the trial's placement group, logs into the trial's run, and its numbers reach the summary."""
+    from eval_support import random_inception_weights
+
+    weights = random_inception_weights(str(tmp_path_factory.getbasetemp()))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"_base_: {SMOKE}\n"
+                     "name: evaluated\n"
+                     "overrides: {train.steps: 2, checkpoint.every: 2, logging.every: 2, logging.sample_count: 2,"
+                     " logging.sample_steps: 2}\n"
+                     "grid: null\n"
+                     "baselines: []\n"
+                     "evaluation: {num_samples: 8, sampler: ddim, sample_steps: 2, batch_size: 2, shard_size: 2,"
+                     f" reference_samples: 10, metrics: [fid], weights: {weights}}}\n")
+    storage, experiment = tmp_path / "runs", f"sweep-eval-{uuid.uuid4().hex[:6]}"
+    done = subprocess.run(sweep_args(sweep, storage, mlflow_server.uri, experiment), capture_output=True, text=True,
+                          env=cli_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = last_json(done.stdout)
+    client, parent, children = mlflow_runs(mlflow_server.uri, experiment)
+    check_summary(summary, ["DC-DiT-tiny"], parent.info.run_id, storage, "evaluated")
+    check_children(client, parent, children, summary)
+    trial = summary["trials"][0]
+    fid = trial["metrics"]["eval/fid"]
+    assert fid >= 0 and trial["evaluation"]["num_samples"] == 8 and trial["evaluation"]["step"] == 2
+    prefix = f"eval/{trial['evaluation']['slug']}"
+    assert children["DC-DiT-tiny"].data.metrics[f"{prefix}/fid"] == pytest.approx(fid)
+    assert Path(trial["evaluation"]["result_uri"]).is_file()
 
 
 # --- ray job submit to a `ray start --head` cluster ----------------------------------------------------------------
