@@ -77,7 +77,7 @@ def ray_cluster(s3_server):
     if ray.is_initialized():
         yield ray
         return
-    ray.init(num_cpus=2, log_to_driver=False, logging_level="warning")
+    ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level="warning")
     try:
         yield ray
     finally:
