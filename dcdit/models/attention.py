@@ -9,14 +9,19 @@ backend. Otherwise: "flash" (flash-attn varlen; CUDA, fp16/bf16, when installed)
 tensors; CUDA only) and "loop" (one SDPA call per sample on `split` views; any device). "auto" picks flash, then
 nested on CUDA, and loop on CPU.
 
-Why loop on CPU (measured on the project's 2-core AVX-512/AMX machine, torch 2.14, 8 samples of 200-320 tokens,
-6 heads of 64, forward + backward, best of 7): loop 37-39 ms fp32, against 56 ms for one padded, masked SDPA call
-(which also pays B * max(L)^2) and 62 ms (best case; up to 1.1 s under load) for the previous loop that wrote
-each sample into a preallocated output: its backward builds one zero-filled full-size gradient per sample, so its
-cost grows with B^2. The per-sample SDPA calls reach torch's CPU flash kernel, which reads the strided (L, H, D)
-views without copies; `split` and `cat` cost one copy of q, k, v and the output each way. Nested tensors on CPU
-are not an option: their SDPA dispatcher queries CUDA for non-contiguous inputs and fails on a machine without a
-driver, and where it runs it unbinds into per-sample math attention, 10-30x slower than loop.
+Which backend wins on CPU, and why (measured on the project's 2-core AVX-512/AMX machine, torch 2.14, one thread,
+process CPU time because other jobs shared the cores; 8 samples of 235-270 tokens, 6 heads of 64, forward +
+backward, best of 9): "loop" with torch's CPU flash kernel per sample, 65-80 ms fp32, against 90 ms for one padded,
+masked SDPA call (which also pays B * max(L)^2), 110 ms for the earlier loop that assigned each sample into a
+preallocated output (its backward builds a zero-filled full-size gradient per sample, so it grows with B^2; up to
+10x worse with two threads under load) and 220 ms for nested tensors. Nested tensors are CUDA-only here: on CPU
+their SDPA dispatcher queries CUDA when q/k/v are non-contiguous views (as the model makes them) and fails without
+a driver, and with contiguous inputs it unbinds into per-sample math attention, 3x slower than loop. The CPU flash
+kernel reads the strided (L, H, D) views without copies and writes (B, L, H, D), so the uniform path's final
+transpose is free. In bf16 training the flash kernel's backward runs far below the AMX matmul rate; `_attend`
+then uses baddbmm + softmax + bmm instead: 47 ms against 80 ms for the loop above, 35 ms against 81 ms for a
+uniform 8 x 256 batch (bf16 inference keeps flash: faster forward, fp32 scores). fp32 keeps flash everywhere
+(53 ms against 63-67 ms for matmul + softmax on 8 x 256), and bf16 autocast is the faster precision on this CPU.
 """
 
 from __future__ import annotations

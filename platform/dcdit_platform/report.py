@@ -14,7 +14,6 @@ import base64
 import csv
 import hashlib
 import html
-import io
 import json
 import math
 import os
@@ -47,7 +46,7 @@ EVAL_METRIC = re.compile(r"eval/(?P<slug>[^/]+)/(?:rho(?P<rho>[0-9.eE+-]+)/)?(?P
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 PROBE_FRACTIONS = (0.95, 0.75, 0.5, 0.25, 0.05)  # probed timesteps as fractions of T, noisy -> clean
 CSV_COLUMNS = ("run_id", "name", "status", "arch", "model", "N", "lambda", "params", "forward_gflops", "compression",
-               "kept_fraction", "steps", "images_per_s", "diffusion_loss", "detail_auc", "detail_auc_mean",
+               "kept_fraction", "steps", "images_per_s", "diffusion_loss", "detail_auc", "detail_auc_clean",
                "protocol_id", "rank_in_protocol", "pareto", "rho", "distance", "gflops_per_image",
                *QUALITY_KEYS, "eval_slug", "eval_checkpoint", *(f"protocol.{k}" for k in PROTOCOL_KEYS))
 
@@ -98,16 +97,28 @@ class Probe:
     kept_on_detail: list[float]  # share of kept tokens that lie on detail
     detail_share: float  # share of all tokens that are detail
     num_images: int
+    mean_low: float = float("nan")  # 95% bootstrap interval of the mean AUC over the probed timesteps
+    mean_high: float = float("nan")
     figure: str | None = None  # boundary-map grid on real samples (PNG path)
 
     @property
     def clean_auc(self) -> float:
+        """AUC at the cleanest probed timestep."""
         return self.auc[-1]
 
     @property
     def mean_auc(self) -> float:
+        """The headline: AUC averaged over the probed timesteps (the whole sampling trajectory)."""
         values = [a for a in self.auc if math.isfinite(a)]
         return float(np.mean(values)) if values else float("nan")
+
+    @property
+    def verdict(self) -> str:
+        if self.mean_low > 0.5:
+            return "boundaries follow detail"
+        if self.mean_high < 0.5:
+            return "boundaries avoid detail (below chance)"
+        return "no evidence either way (the interval includes 0.5)"
 
 
 @dataclass
@@ -468,7 +479,7 @@ def probe_runs(sweep: Sweep, tracker: Tracker, out_dir: Path, *, storage: str | 
             row.probe_note = "no readable checkpoint: " + "; ".join(problems)
             continue
         if echo:
-            echo(f"{row.name}: detail AUC {row.probe.clean_auc:.3f} at t={row.probe.timesteps[-1]}")
+            echo(f"{row.name}: detail AUC {row.probe.mean_auc:.3f} (mean over t), {row.probe.verdict}")
         if log:
             _log_probe(tracker, row)
 
@@ -521,7 +532,7 @@ def probe_checkpoint(uri: str, figure_path: Path | None, *, num_images: int = 64
     diffusion = create_diffusion(num_timesteps=big_t, learn_sigma=m.learn_sigma)
     rng = np.random.default_rng(seed)
     boots = [rng.integers(0, num_images, num_images) for _ in range(200)]
-    auc, low, high, kept, on_detail, probs_at = [], [], [], [], [], []
+    auc, low, high, kept, on_detail, probs_at, boot_auc = [], [], [], [], [], [], []
     with torch.no_grad():
         for t in timesteps:
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed * 1000 + t))
@@ -531,15 +542,21 @@ def probe_checkpoint(uri: str, figure_path: Path | None, *, num_images: int = 64
             probs = routing.probs.reshape(num_images, *routing.grid_size).numpy().astype(np.float64)
             hard = routing.mask.reshape(num_images, *routing.grid_size).numpy()
             auc.append(detail_auc(probs, masks))
-            samples = [detail_auc(probs[b], masks[b]) for b in boots]
-            samples = [s for s in samples if math.isfinite(s)]
-            low.append(float(np.percentile(samples, 2.5)) if samples else float("nan"))
-            high.append(float(np.percentile(samples, 97.5)) if samples else float("nan"))
+            samples = np.array([detail_auc(probs[b], masks[b]) for b in boots])
+            boot_auc.append(samples)
+            finite = samples[np.isfinite(samples)]
+            low.append(float(np.percentile(finite, 2.5)) if finite.size else float("nan"))
+            high.append(float(np.percentile(finite, 97.5)) if finite.size else float("nan"))
             kept.append(float(hard.mean()))
             on_detail.append(float((hard & masks).sum() / max(hard.sum(), 1)))
             probs_at.append(probs)
+    # The same image resamples at every timestep, so the interval of the mean accounts for their correlation.
+    means = np.nanmean(np.stack(boot_auc), axis=0)
+    means = means[np.isfinite(means)]
     probe = Probe(checkpoint=ckpt.uri, step=ckpt.step, timesteps=timesteps, auc=auc, auc_low=low, auc_high=high,
-                  kept=kept, kept_on_detail=on_detail, detail_share=float(masks.mean()), num_images=num_images)
+                  kept=kept, kept_on_detail=on_detail, detail_share=float(masks.mean()), num_images=num_images,
+                  mean_low=float(np.percentile(means, 2.5)) if means.size else float("nan"),
+                  mean_high=float(np.percentile(means, 97.5)) if means.size else float("nan"))
     if figure_path is not None:
         shown = [0, 3, 4, 6] if d.num_classes > 6 else list(range(min(4, num_images)))
         shown = [i for i in shown if i < num_images]
@@ -561,7 +578,7 @@ def _log_probe(tracker: Tracker, row: RunRow) -> None:
     history = tracker.metric_history(row.run_id, "report/detail_auc")
     if any(m.step == step for m in history):
         return  # the probe is deterministic for a checkpoint: logged once
-    metrics = {"report/detail_auc": probe.clean_auc, "report/detail_auc_mean": probe.mean_auc}
+    metrics = {"report/detail_auc": probe.mean_auc, "report/detail_auc_clean": probe.clean_auc}
     for t, a, k in zip(probe.timesteps, probe.auc, probe.kept):
         metrics[f"report/detail_auc_t{t:04d}"] = a
         metrics[f"report/kept_fraction_t{t:04d}"] = k
@@ -781,27 +798,26 @@ def fetch_samples(tracker: Tracker, row: RunRow, dst: Path) -> None:
 
 def findings(sweep: Sweep) -> dict[str, list[str]]:
     """Plain statements about detail-following, kept fraction vs timestep and quality vs compute."""
-    out: dict[str, list[str]] = {"detail": [], "timestep": [], "quality": [], "caveats": []}
+    out: dict[str, list[str]] = {"detail": [], "timestep": [], "compression": [], "quality": [], "caveats": []}
     probed = [r for r in sweep.rows if r.probe]
     for row in probed:
         p = row.probe
-        t_clean = p.timesteps[-1]
-        a, lo, hi = p.clean_auc, p.auc_low[-1], p.auc_high[-1]
-        if lo > 0.5:
-            verdict = "boundaries follow detail"
-        elif hi < 0.5:
-            verdict = "boundaries avoid detail (below chance)"
-        else:
-            verdict = "no evidence that boundaries follow detail (the interval includes 0.5)"
+        a = p.mean_auc
+        by_t = ", ".join(f"{x:.2f} at t={t}" for t, x in zip(p.timesteps, p.auc))
+        mid = len(p.timesteps) // 2
         out["detail"].append(
-            f"{row.name}: AUC {a:.3f} (95% interval {lo:.3f}-{hi:.3f}) at t={t_clean}, {a - 0.5:+.3f} vs chance; "
-            f"mean {p.mean_auc:.3f} over t in {{{', '.join(str(t) for t in reversed(p.timesteps))}}}. "
-            f"{100 * p.kept_on_detail[-1]:.0f}% of kept tokens lie on detail, which covers "
-            f"{100 * p.detail_share:.0f}% of the image: {verdict}.")
+            f"{row.name}: AUC {a:.3f} (95% interval {p.mean_low:.3f}-{p.mean_high:.3f}), {a - 0.5:+.3f} vs chance, "
+            f"averaged over t in {{{', '.join(str(t) for t in p.timesteps)}}} ({by_t}). At t={p.timesteps[mid]}, "
+            f"{100 * p.kept_on_detail[mid]:.0f}% of kept tokens lie on detail, which covers "
+            f"{100 * p.detail_share:.0f}% of the image: {p.verdict}.")
     if probed:
-        follow = sum(r.probe.auc_low[-1] > 0.5 for r in probed)
+        follow = sum(r.probe.mean_low > 0.5 for r in probed)
+        avoid = sum(r.probe.mean_high < 0.5 for r in probed)
         out["detail"].insert(0, f"Boundaries follow the ground-truth detail masks in {follow} of {len(probed)} DC-DiT "
-                                f"runs (AUC > 0.5 with 95% confidence at the cleanest probed timestep; 0.5 = chance).")
+                                f"runs (mean AUC of the boundary probability over the sampling timesteps above 0.5 "
+                                f"with 95% confidence; 0.5 = chance)"
+                                + (f"; in {avoid} they sit on flat regions instead (AUC below 0.5)" if avoid else "")
+                                + ".")
     for row in sweep.rows:
         if row.is_dcdit and row.probe is None and row.probe_note:
             out["detail"].append(f"{row.name}: not probed ({row.probe_note}).")
@@ -827,6 +843,13 @@ def findings(sweep: Sweep) -> dict[str, list[str]]:
         if row.n:
             line += f" Target 1/N = {100 / row.n:.1f}%."
         out["timestep"].append(line)
+    for row in [r for r in sweep.rows if r.is_dcdit and r.n and _finite(r.compression)]:
+        ratio = row.compression / row.n
+        how = ("on target" if 0.8 <= ratio <= 1.25 else
+               f"{ratio:.1f}x more than asked (the router keeps too few tokens)" if ratio > 1 else
+               f"{1 / ratio:.1f}x less than asked (the router keeps too many tokens)")
+        out["compression"].append(f"{row.name}: realised compression {row.compression:.2f} for target N={row.n:g} "
+                                  f"(keeps {100 / row.compression:.1f}% of tokens, target {100 / row.n:.1f}%): {how}.")
     for group in sweep.groups:
         name = group.distance.upper()
         ranked = sorted(group.ranks.items(), key=lambda item: item[1])
@@ -861,6 +884,11 @@ def findings(sweep: Sweep) -> dict[str, list[str]]:
         out["caveats"].append(f"Distances from {', '.join(map(str, small))} samples are biased upwards and noisy "
                               "(papers use 50K); compare them only within one protocol.")
     return out
+
+
+FINDING_SECTIONS = (("Do boundaries follow detail?", "detail"), ("Kept fraction vs timestep", "timestep"),
+                    ("Realised compression vs target N", "compression"), ("Quality vs compute", "quality"),
+                    ("Caveats", "caveats"))
 
 
 def protocol_warning(groups: list[ProtocolGroup]) -> str:
@@ -903,7 +931,7 @@ RUN_HEADER = ("run", "arch", "model", "N", "lambda", "params", "GFLOPs/fwd", "co
 
 
 def run_cells(row: RunRow) -> list[str]:
-    auc = row.probe.clean_auc if row.probe else None
+    auc = row.probe.mean_auc if row.probe else None
     return [row.name, row.arch or "-", row.model or "-", _fmt(row.n), _fmt(row.lam), _params_text(row.params),
             _fmt(row.forward_gflops), _fmt(row.compression, 3), _fmt(row.steps), _fmt(row.images_per_s, 3),
             _fmt(row.diffusion_loss), _fmt(auc, 3), row.status]
@@ -946,8 +974,8 @@ def csv_records(sweep: Sweep) -> list[dict[str, Any]]:
                 "N": row.n, "lambda": row.lam, "params": row.params, "forward_gflops": row.forward_gflops,
                 "compression": row.compression, "kept_fraction": row.kept_fraction, "steps": row.steps,
                 "images_per_s": row.images_per_s, "diffusion_loss": row.diffusion_loss,
-                "detail_auc": row.probe.clean_auc if row.probe else None,
-                "detail_auc_mean": row.probe.mean_auc if row.probe else None}
+                "detail_auc": row.probe.mean_auc if row.probe else None,
+                "detail_auc_clean": row.probe.clean_auc if row.probe else None}
         if not row.evaluations:
             records.append(base)
             continue
@@ -1003,14 +1031,13 @@ def render_markdown(sweep: Sweep, facts: dict[str, list[str]], figures: dict[str
              f"{len(sweep.rows)} run(s), {len(sweep.groups)} evaluation protocol(s).", ""]
     lines += [f"> {n}" for n in sweep.notes]
     lines += ["## Findings", ""]
-    for title, key in (("Do boundaries follow detail?", "detail"), ("Kept fraction vs timestep", "timestep"),
-                       ("Quality vs compute", "quality"), ("Caveats", "caveats")):
+    for title, key in FINDING_SECTIONS:
         if facts.get(key):
             lines += [f"**{title}**", ""] + [f"- {line}" for line in facts[key]] + [""]
     lines += ["## Runs", "", _md_table(RUN_HEADER, [run_cells(r) for r in sweep.rows]), "",
               "GFLOPs/fwd: analytic FLOPs of one forward pass of one sample (DC-DiT at its realised kept fraction). "
               "Compression, images/s and loss: the last logged values. Detail AUC: boundary probability vs the "
-              "ground-truth detail mask at the cleanest probed timestep (0.5 = chance).", ""]
+              "ground-truth detail mask, averaged over the probed timesteps (0.5 = chance).", ""]
     if sweep.groups:
         lines += ["## Quality by evaluation protocol", ""]
         if len(sweep.groups) > 1:
@@ -1078,8 +1105,7 @@ def render_html(sweep: Sweep, facts: dict[str, list[str]], figures: dict[str, Pa
              f"{e(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>"]
     parts += [f'<p class="note">{e(n)}</p>' for n in sweep.notes]
     parts.append("<h2>Findings</h2>")
-    for title, key in (("Do boundaries follow detail?", "detail"), ("Kept fraction vs timestep", "timestep"),
-                       ("Quality vs compute", "quality"), ("Caveats", "caveats")):
+    for title, key in FINDING_SECTIONS:
         if facts.get(key):
             items = "".join(f'<li class="{"warn" if line.startswith("WARNING") else ""}">{e(line)}</li>'
                             for line in facts[key])
@@ -1087,7 +1113,7 @@ def render_html(sweep: Sweep, facts: dict[str, list[str]], figures: dict[str, Pa
     parts += ["<h2>Runs</h2>", _html_table(RUN_HEADER, [run_cells(r) for r in sweep.rows]),
               '<p class="caption">GFLOPs/fwd: analytic FLOPs of one forward pass of one sample (DC-DiT at its '
               "realised kept fraction). Compression, images/s and loss: the last logged values. Detail AUC: boundary "
-              "probability vs the ground-truth detail mask at the cleanest probed timestep (0.5 = chance).</p>"]
+              "probability vs the ground-truth detail mask, averaged over the probed timesteps (0.5 = chance).</p>"]
     if sweep.groups:
         parts.append("<h2>Quality by evaluation protocol</h2>")
         if len(sweep.groups) > 1:
@@ -1212,7 +1238,8 @@ def summarize(sweep: Sweep, facts: dict[str, list[str]], out: Path) -> dict:
             if ev.distance not in entry and not ev.rho:
                 entry[ev.distance] = ev.quality
         if row.probe:
-            entry["detail_auc"] = row.probe.clean_auc
+            entry["detail_auc"] = row.probe.mean_auc
+            entry["detail_auc_interval"] = [row.probe.mean_low, row.probe.mean_high]
             entry["kept_fraction_by_t"] = dict(zip(row.probe.timesteps, row.probe.kept))
         runs.append(entry)
     return {"name": sweep.name, "mlflow_run_id": sweep.parent_id, "experiment": sweep.experiment,

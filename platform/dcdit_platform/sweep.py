@@ -128,9 +128,11 @@ class SweepSpec:
             _need(isinstance(values, list) and len(values) >= 1, f"grid.{key}", values, "must be a non-empty list")
             _need(len({json.dumps(v, sort_keys=True) for v in values}) == len(values), f"grid.{key}", values,
                   "lists a value twice")
-        for key in self.labels:
-            _need(key in self.grid, f"labels.{key}", self.labels[key],
+        for key, label in self.labels.items():
+            _need(key in self.grid, f"labels.{key}", label,
                   f"labels a key that is not in grid{did_you_mean(key, self.grid)}")
+            _need(isinstance(label, str) and re.fullmatch(r"[A-Za-z0-9.-]*", label) is not None, f"labels.{key}",
+                  label, "must be a short name of letters, digits, '.' and '-' (e.g. lr)")
         trial_cpus = self.resources.get("trial_cpus", TRIAL_CPUS)
         _need(isinstance(trial_cpus, (int, float)) and not isinstance(trial_cpus, bool) and 0 < trial_cpus <= 64,
               "resources.trial_cpus", trial_cpus, "must be a number in (0, 64]")
@@ -292,7 +294,7 @@ class TrialSpec:
     """One trial: its readable name, what it changes relative to the base experiment, and its full config tree."""
 
     name: str
-    kind: str  # "dcdit" (a grid point) or "baseline"
+    kind: str  # a grid point ("dcdit", or "dit" when the base experiment is a DiT) or "baseline"
     overrides: dict[str, Any]  # dotted key -> value, relative to the base experiment + sweep overrides
     tree: dict[str, Any]  # the experiment config as a plain dict (before storage/tracking flags)
     config: Any = None  # the validated ExperimentConfig (with the sweep's storage/tracking)
@@ -388,8 +390,8 @@ def expand_trials(spec: SweepSpec, common: dict[str, Any]) -> list[TrialSpec]:
                 head = format_value(value)
             else:
                 parts.append(name_part(key, value, spec.labels))
-        trials.append(TrialSpec(name="_".join([head, *parts]), kind="dcdit" if base_model.arch == "dcdit" else "grid",
-                                overrides=dict(zip(keys, values)), tree=tree))
+        trials.append(TrialSpec(name="_".join([head, *parts]), kind=base_model.arch, overrides=dict(zip(keys, values)),
+                                tree=tree))
 
     shared = [k for k in keys if not _is_dcdit_only(k) and k not in ("model", "model.preset")]
     shared_values = list(itertools.product(*(spec.grid[k] for k in shared))) if shared else [()]
@@ -777,7 +779,7 @@ def trial_main(config: dict, ctx: dict | None = None) -> None:
     if ctx.get("evaluation") is not None and summary.get("checkpoint"):
         evaluation = evaluate_trial(ctx["evaluation"], summary["checkpoint"], ctx["tracking_uri"], ctx["sweep_uri"],
                                     ctx.get("env"))
-        metrics.update({f"eval/{k}": v for k, v in evaluation.items() if _is_number(v)})
+        metrics.update({f"eval/{k}": v for k, v in evaluation.items() if k in EVAL_METRICS and _is_number(v)})
     history: list = []
     if ctx.get("scheduler_metric"):
         tracker = Tracker(ctx["tracking_uri"])
@@ -821,8 +823,9 @@ def _evaluate(protocol: dict, checkpoint: str, tracking_uri: str, storage_uri: s
 
 # What a trial's summary keeps of an evaluation (dcdit_platform.evaluate's summary): the metrics, where the full
 # result lies, and the per-rho results of a tail-drop sweep.
-EVAL_KEYS = ("fid", "fd", "sfid", "is_mean", "is_std", "kid_mean", "kid_std", "kd_mean", "kd_std", "precision",
-             "recall", "class_accuracy", "num_samples", "step", "slug", "result_uri", "sweep")
+EVAL_METRICS = ("fid", "fd", "sfid", "is_mean", "is_std", "kid_mean", "kid_std", "kd_mean", "kd_std", "precision",
+                "recall", "class_accuracy")
+EVAL_KEYS = (*EVAL_METRICS, "num_samples", "step", "slug", "result_uri", "sweep")
 
 
 def _is_number(value: Any) -> bool:

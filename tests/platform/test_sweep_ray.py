@@ -89,16 +89,20 @@ def mlflow_runs(uri: str, experiment: str):
     return client, parents[0], {r.info.run_name: r for r in children}
 
 
-def check_summary(summary: dict, names: list[str], parent_id: str, storage: Path, sweep_name: str) -> None:
+def check_summary(summary: dict, names: list[str], parent_id: str, storage: Path | str, sweep_name: str) -> None:
+    from dcdit_platform.storage import open_storage
+
     assert summary["name"] == sweep_name and summary["mlflow_run_id"] == parent_id
     assert summary["status"] == "FINISHED"
     assert [t["name"] for t in summary["trials"]] == names
+    root = open_storage(str(storage))
     for trial in summary["trials"]:
         assert trial["status"] == "FINISHED", trial
         assert isinstance(trial["metrics"]["train/loss"], float)
-        assert trial["overrides"], trial
-        assert trial["checkpoint"].startswith(str(storage / sweep_name / trial["name"] / "checkpoint_"))
-        assert Path(trial["checkpoint"], "MANIFEST.json").is_file()
+        assert isinstance(trial["overrides"], dict)
+        prefix = root.join(sweep_name, trial["name"], "checkpoint_")
+        assert trial["checkpoint"].startswith(prefix), (trial["checkpoint"], prefix)
+        assert root.exists(trial["checkpoint"][len(root.uri):].lstrip("/") + "/MANIFEST.json")
         assert trial["mlflow_run_id"]
 
 
@@ -211,6 +215,7 @@ def test_evaluation_protocol_runs_on_every_finished_trial(tmp_path_factory, tmp_
     trial = summary["trials"][0]
     fid = trial["metrics"]["eval/fid"]
     assert fid >= 0 and trial["evaluation"]["num_samples"] == 8 and trial["evaluation"]["step"] == 2
+    assert sorted(k for k in trial["metrics"] if k.startswith("eval/")) == ["eval/fid"]
     prefix = f"eval/{trial['evaluation']['slug']}"
     assert children["DC-DiT-tiny"].data.metrics[f"{prefix}/fid"] == pytest.approx(fid)
     assert Path(trial["evaluation"]["result_uri"]).is_file()
@@ -219,7 +224,7 @@ def test_evaluation_protocol_runs_on_every_finished_trial(tmp_path_factory, tmp_
 # --- ray job submit to a `ray start --head` cluster ----------------------------------------------------------------
 
 @pytest.fixture
-def head_cluster(tmp_path):
+def head_cluster(tmp_path, s3_server):
     """`ray start --head --block` on free ports with token authentication (a per-test token passed through
     RAY_AUTH_TOKEN, so ~/.ray/auth_token is never touched); stopped by killing its process group."""
     token = uuid.uuid4().hex
@@ -253,13 +258,15 @@ def head_cluster(tmp_path):
         kill_group(head)
 
 
-def test_ray_job_submit_runs_the_smoke_sweep(tmp_path, mlflow_server, head_cluster):
+def test_ray_job_submit_runs_the_smoke_sweep(tmp_path, mlflow_server, s3_server, head_cluster):
+    """As the README's "Run on a cluster": `ray job submit --working-dir . -- dcdit sweep ...` with S3 storage (the
+    moto server) and the MLflow server over HTTP, against a token-authenticated head."""
     address, env = head_cluster
     wrong = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True, text=True,
                            env={**env, "RAY_AUTH_TOKEN": "not-the-token"}, timeout=120)
     assert wrong.returncode != 0  # token authentication is on: a client without the token is refused
-    storage, experiment = tmp_path / "runs", f"sweep-job-{uuid.uuid4().hex[:6]}"
-    entrypoint = ["dcdit", "sweep", "experiments/smoke-sweep.yaml", "--storage", str(storage),
+    storage, experiment = s3_server.uri("sweeps"), f"sweep-job-{uuid.uuid4().hex[:6]}"
+    entrypoint = ["dcdit", "sweep", "experiments/smoke-sweep.yaml", "--storage", storage,
                   "--tracking-uri", mlflow_server.uri, "-o", f"tracking.experiment={experiment}", "--json"]
     done = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
                            "--entrypoint-num-cpus", "0", "--submission-id", f"sweep-{uuid.uuid4().hex[:8]}", "--",
