@@ -35,6 +35,7 @@ from dcdit.errors import DCDiTError
 from dcdit.features import DOMAIN_EXTRACTOR, INCEPTION, file_sha256
 from dcdit.metrics import (BiasedEstimateWarning, FeatureStats, Moments, class_accuracy, frechet_distance,
                            inception_score, kernel_distance, precision_recall)
+from dcdit_platform.raycluster import ray_session, target_address
 
 RESULTS_DIR = "evaluations"  # {storage}/{run name}/evaluations/{checkpoint}/{slug}.json
 CACHE_DIR = "_cache"  # {storage}/_cache/fid-references/{key}.npz, {storage}/_cache/extractors/{key}.safetensors
@@ -898,50 +899,46 @@ def evaluate(cfg: EvalConfig, *, on_event: Callable[[dict], None] | None = None,
 
     import ray
 
-    started_ray = False
-    if not ray.is_initialized():
-        ray.init(address=cfg.address, logging_level="warning", log_to_driver=False,
-                 runtime_env={"env_vars": _worker_env()} if cfg.address else None)
-        started_ray = True
-    pool = None
-    try:
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        slots = gpus or max(1, int(resources.get("CPU", 1) // cfg.cpus_per_worker))
-        workers = cfg.workers or slots
-        if workers > slots:
-            # More actors than the cluster can hold would wait forever; fewer give the same numbers.
-            echo(f"--workers {workers} exceeds the cluster's {slots} {'GPU' if gpus else 'CPU'} slot(s); using {slots}")
-            workers = slots
-        spec = replace(spec, blob=ray.put(Path(spec.weights_path).read_bytes()) if spec.weights_path else None)
-        model_spec = {"config": asdict(model_cfg), "state": ray.put(ckpt.weights), "vae": vae}
-        options = {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if gpus else 0, "max_restarts": 0}
-        remote = ray.remote(EvalWorker).options(**options)
-        threads = max(1, int(cfg.cpus_per_worker))
-        pool = ActorPool(workers, lambda: remote.remote(spec, model_spec, threads),
-                         max_failures=cfg.max_actor_failures, on_event=on_event)
-        echo(f"{workers} actor(s) on {'GPU' if gpus else 'CPU'}; checkpoint {ckpt.uri} (step {ckpt.step})")
+    remote_env = {"env_vars": _worker_env()} if target_address(cfg.address) else None
+    with ray_session(cfg.address, log_to_driver=False, runtime_env=remote_env):
+        pool = None
+        try:
+            resources = ray.cluster_resources()
+            gpus = int(resources.get("GPU", 0))
+            slots = gpus or max(1, int(resources.get("CPU", 1) // cfg.cpus_per_worker))
+            workers = cfg.workers or slots
+            if workers > slots:
+                # More actors than the cluster can hold would wait forever; fewer give the same numbers.
+                kind = "GPU" if gpus else "CPU"
+                echo(f"--workers {workers} exceeds the cluster's {slots} {kind} slot(s); using {slots}")
+                workers = slots
+            spec = replace(spec, blob=ray.put(Path(spec.weights_path).read_bytes()) if spec.weights_path else None)
+            model_spec = {"config": asdict(model_cfg), "state": ray.put(ckpt.weights), "vae": vae}
+            options = {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if gpus else 0, "max_restarts": 0}
+            remote = ray.remote(EvalWorker).options(**options)
+            threads = max(1, int(cfg.cpus_per_worker))
+            pool = ActorPool(workers, lambda: remote.remote(spec, model_spec, threads),
+                             max_failures=cfg.max_actor_failures, on_event=on_event)
+            echo(f"{workers} actor(s) on {'GPU' if gpus else 'CPU'}; checkpoint {ckpt.uri} (step {ckpt.step})")
 
-        reference = resolve_reference(ref_spec, synthetic_params, spec, storage, pool, cfg, image_size, metrics,
-                                      echo=echo)
-        runs = []
-        for rho in rhos:
-            plan = SamplingPlan(sampler=cfg.sampler, steps=cfg.sample_steps,
-                                num_timesteps=config.diffusion.num_timesteps, learn_sigma=model_cfg.learn_sigma,
-                                cfg_scale=cfg_scale, lite_cfg=cfg.lite_cfg, rho=rho,
-                                null_class=model_cfg.num_classes, seed=cfg.seed, num_classes=num_classes,
-                                arch=model_cfg.arch)
-            export = cfg.export_npz
-            if export and len(rhos) > 1:  # one sample batch per tail-drop fraction: samples-rho0.2.npz
-                export = f"{export[:-4] if export.endswith('.npz') else export}-rho{rho:g}.npz"
-            runs.append(_evaluate_plan(cfg, plan, pool, shape, reference, spec, metrics, num_classes,
-                                       export=export, echo=echo))
-        failures = pool.failures
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        if started_ray:
-            ray.shutdown()
+            reference = resolve_reference(ref_spec, synthetic_params, spec, storage, pool, cfg, image_size, metrics,
+                                          echo=echo)
+            runs = []
+            for rho in rhos:
+                plan = SamplingPlan(sampler=cfg.sampler, steps=cfg.sample_steps,
+                                    num_timesteps=config.diffusion.num_timesteps, learn_sigma=model_cfg.learn_sigma,
+                                    cfg_scale=cfg_scale, lite_cfg=cfg.lite_cfg, rho=rho,
+                                    null_class=model_cfg.num_classes, seed=cfg.seed, num_classes=num_classes,
+                                    arch=model_cfg.arch)
+                export = cfg.export_npz
+                if export and len(rhos) > 1:  # one sample batch per tail-drop fraction: samples-rho0.2.npz
+                    export = f"{export[:-4] if export.endswith('.npz') else export}-rho{rho:g}.npz"
+                runs.append(_evaluate_plan(cfg, plan, pool, shape, reference, spec, metrics, num_classes,
+                                           export=export, echo=echo))
+            failures = pool.failures
+        finally:
+            if pool is not None:
+                pool.shutdown()
 
     protocol = {"checkpoint": ckpt.uri, "step": ckpt.step, "ema": ckpt.used_ema, "num_samples": cfg.num_samples,
                 "sampler": cfg.sampler, "steps": cfg.sample_steps, "cfg_scale": cfg_scale,
@@ -1355,7 +1352,6 @@ def _stats_of_batches(batches, extractor) -> dict[str, FeatureStats]:
 def fid_between(input1: str, input2: str, *, extractor: str = INCEPTION, weights: str | None = None,
                 batch_size: int = 64, save_stats: str | None = None) -> dict:
     """FID (FD for other extractors; sFID when both sides have spatial statistics) between two inputs."""
-    from dcdit.features import build_extractor
 
     if extractor == DOMAIN_EXTRACTOR and weights is None:
         raise DCDiTError(f"--extractor {DOMAIN_EXTRACTOR} needs --weights (the classifier file cached by `dcdit "

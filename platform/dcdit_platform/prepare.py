@@ -22,6 +22,7 @@ from dcdit.data import shards as shard_format
 from dcdit.data.synthetic import SyntheticDataset
 from dcdit.errors import DCDiTError
 from dcdit_platform.storage import Storage, StorageOptions, open_storage
+from dcdit_platform.raycluster import ray_session
 
 PROGRESS_DIR = "_progress"  # per-shard done markers while a preparation is unfinished
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -319,48 +320,43 @@ def _run_pipeline(config: PrepareConfig, plan: _Plan, source: dict, todo: list[i
     import ray
     from tqdm import tqdm
 
-    started_ray = False
-    if not ray.is_initialized():
-        ray.init(logging_level="warning", log_to_driver=False)
-        started_ray = True
-    ctx = ray.data.DataContext.get_current()
-    data_logger = logging.getLogger("ray.data")
-    saved = ctx.enable_progress_bars, ctx.print_on_execution_start, data_logger.level
-    ctx.enable_progress_bars = ctx.print_on_execution_start = False  # one bar of our own, counting samples
-    data_logger.setLevel(logging.ERROR)
-    try:
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-        ds = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
-        if config.vae:
-            # Loader tasks feed a fixed pool of actors that each keep one VAE for the whole run: one per GPU,
-            # or on CPUs all but one (the loaders need somewhere to run).
-            use_gpu = gpus > 0
-            actors = min(config.num_actors or (gpus if use_gpu else max(1, cpus - 1)), len(todo))
-            ds = ds.map_batches(_load_shard, fn_kwargs={"config": config, "plan": plan}, batch_size=1,
-                                num_cpus=1, udf_modifying_row_count=False)
-            ds = ds.map_batches(_EncodeAndWrite, fn_constructor_args=(config, source, use_gpu), batch_size=1,
-                                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5 if use_gpu else 1,
-                                num_gpus=1 if use_gpu else 0, udf_modifying_row_count=False)
-        else:
-            ds = ds.map_batches(_load_and_write, fn_kwargs={"config": config, "plan": plan, "source": source},
-                                batch_size=1, num_cpus=1, udf_modifying_row_count=False,
-                                compute=ray.data.TaskPoolStrategy(size=config.num_actors or cpus))
-        done: dict[int, dict] = {}
-        with tqdm(total=sum(rows[k] for k in todo), unit="img", desc=f"prepare {len(todo)} shards",
-                  disable=not progress, file=sys.stderr) as bar:
-            for row in ds.iter_rows():
-                if row["error"]:
-                    raise DCDiTError(row["error"])
-                marker = json.loads(row["marker"])
-                done[int(marker["first_index"]) // config.shard_size] = marker
-                bar.update(marker["rows"])
-        return done
-    finally:
-        ctx.enable_progress_bars, ctx.print_on_execution_start, level = saved
-        data_logger.setLevel(level)
-        if started_ray:
-            ray.shutdown()
+    with ray_session(log_to_driver=False):
+        ctx = ray.data.DataContext.get_current()
+        data_logger = logging.getLogger("ray.data")
+        saved = ctx.enable_progress_bars, ctx.print_on_execution_start, data_logger.level
+        ctx.enable_progress_bars = ctx.print_on_execution_start = False  # one bar of our own, counting samples
+        data_logger.setLevel(logging.ERROR)
+        try:
+            resources = ray.cluster_resources()
+            gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+            ds = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
+            if config.vae:
+                # Loader tasks feed a fixed pool of actors that each keep one VAE for the whole run: one per GPU,
+                # or on CPUs all but one (the loaders need somewhere to run).
+                use_gpu = gpus > 0
+                actors = min(config.num_actors or (gpus if use_gpu else max(1, cpus - 1)), len(todo))
+                ds = ds.map_batches(_load_shard, fn_kwargs={"config": config, "plan": plan}, batch_size=1,
+                                    num_cpus=1, udf_modifying_row_count=False)
+                ds = ds.map_batches(_EncodeAndWrite, fn_constructor_args=(config, source, use_gpu), batch_size=1,
+                                    compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5 if use_gpu else 1,
+                                    num_gpus=1 if use_gpu else 0, udf_modifying_row_count=False)
+            else:
+                ds = ds.map_batches(_load_and_write, fn_kwargs={"config": config, "plan": plan, "source": source},
+                                    batch_size=1, num_cpus=1, udf_modifying_row_count=False,
+                                    compute=ray.data.TaskPoolStrategy(size=config.num_actors or cpus))
+            done: dict[int, dict] = {}
+            with tqdm(total=sum(rows[k] for k in todo), unit="img", desc=f"prepare {len(todo)} shards",
+                      disable=not progress, file=sys.stderr) as bar:
+                for row in ds.iter_rows():
+                    if row["error"]:
+                        raise DCDiTError(row["error"])
+                    marker = json.loads(row["marker"])
+                    done[int(marker["first_index"]) // config.shard_size] = marker
+                    bar.update(marker["rows"])
+            return done
+        finally:
+            ctx.enable_progress_bars, ctx.print_on_execution_start, level = saved
+            data_logger.setLevel(level)
 
 
 def open_source(source: str, *, storage_options: StorageOptions | dict | None = None, num_samples: int = 10_000,

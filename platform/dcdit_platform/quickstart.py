@@ -88,16 +88,12 @@ def evaluate_fid(plan, summary: dict, weights: str, echo: Callable[[str], None])
     """FID of every finished trial with the sweep's protocol and the Inception features (logged to its run)."""
     from dcdit.features import INCEPTION
     from dcdit_platform.evaluate import EvalConfig, evaluate
+    from dcdit_platform.raycluster import ray_session
     from dcdit_platform.sweep import eval_protocol
-
-    import ray
 
     protocol = dict(eval_protocol(plan.spec.evaluation or {}, plan.trials[0].config.resources))
     protocol.update(extractor=INCEPTION, weights=weights, workers=None)  # one actor per CPU
-    started = not ray.is_initialized()
-    if started:  # one local Ray for all evaluations (evaluate() reuses a running one)
-        ray.init(num_cpus=os.cpu_count() or 1, logging_level="warning", log_to_driver=False)
-    try:
+    with ray_session(log_to_driver=False):  # one local Ray for all evaluations (evaluate() reuses it)
         for trial in summary["trials"]:
             if trial.get("status") != "FINISHED" or not trial.get("checkpoint"):
                 continue
@@ -105,9 +101,6 @@ def evaluate_fid(plan, summary: dict, weights: str, echo: Callable[[str], None])
             evaluate(EvalConfig(checkpoint=trial["checkpoint"], tracking_uri=plan.tracking_uri,
                                 storage=plan.sweep_storage.uri, track=True, **protocol),
                      echo=lambda text: echo(f"  {text}"))
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def run_quickstart(out: str | os.PathLike | None = None, *, config: str | os.PathLike | None = None,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dcdit.errors import DCDiTError, did_you_mean
+from dcdit_platform.raycluster import ray_session, target_address
 
 SWEEP_RECORD = "sweep.json"  # {storage}/{sweep}/sweep.json: the sweep as started (trials, hashes, parent run)
 TRIALS_DIR = "_trials"  # {storage}/{sweep}/_trials/{trial}.json: written once a trial ends
@@ -944,7 +945,7 @@ class _Driver:
 def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = None,
               echo: Callable[[str], None] | None = None) -> dict:
     """Run (or, with `resume`, continue) the planned sweep on Ray Tune; returns the JSON summary."""
-    from dcdit_platform.tracking import Tracker, flat_params, redact, redact_config, secret_env
+    from dcdit_platform.tracking import Tracker, flat_params, redact, redact_config
     from dcdit_platform.train import plan_run
 
     echo = echo or (lambda text: print(f"dcdit sweep: {text}", file=sys.stderr, flush=True))
@@ -1005,11 +1006,13 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = No
         # With a scheduler, done trials replay their recorded metric history first, so ASHA's rungs hold them.
         names = ([n for n in (t.name for t in plan.trials) if n in final] if scheduler else []) + todo
         try:
-            with _ray(address) as started_ray:
+            # The dashboard stays on: Train V2 in Tune needs the State API to clean up stopped trials' placement
+            # groups.
+            with ray_session(address, dashboard=True) as started_ray:
                 import ray
 
                 nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-                local = started_ray and not address and not os.environ.get("RAY_ADDRESS")
+                local = started_ray and not target_address(address)
                 max_concurrent = _run_trials(plan, names, todo, parent, nodes, local, attempt, driver, echo)
         except KeyboardInterrupt:
             interrupted = True
@@ -1029,59 +1032,6 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = No
     summary["max_concurrent_trials"] = max_concurrent
     summary["wall_s"] = round(time.perf_counter() - started, 3)
     return summary
-
-
-@contextlib.contextmanager
-def _ray(address: str | None):
-    """Attach to `address` (or the cluster of a Ray job), or start a local Ray with the dashboard on: Train V2 in
-    Tune needs the State API to clean up the placement groups of stopped trials. Yields whether Ray was started or
-    attached here (then it is shut down at the end)."""
-    import ray
-
-    if ray.is_initialized():
-        yield False
-        return
-    saved = os.environ.get(API_SERVER_ENV)
-    try:
-        if address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address, logging_level="warning")
-        else:
-            # The placement-group cleaner finds the State API by auto-detecting "the" Ray of its machine, which
-            # fails when several run there (tests, shared hosts); pointing it at our dashboard avoids that. Set
-            # before ray.init so the local raylet, and every worker it starts, inherits it.
-            port = _free_port()
-            os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-            # address="local": a plain ray.init() would attach to any `ray start` cluster found on the machine.
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=True,
-                     dashboard_host="127.0.0.1", dashboard_port=port, logging_level="warning")
-    except Exception as err:  # noqa: BLE001 - connection problems come in many types
-        where = address or os.environ.get("RAY_ADDRESS") or "a local Ray"
-        _restore_env(API_SERVER_ENV, saved)
-        raise DCDiTError(f"cannot start or connect to {where}: {' '.join(str(err).split())[:200]} (with token "
-                         "authentication set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)") from None
-    try:
-        yield True
-    finally:
-        ray.shutdown()
-        _restore_env(API_SERVER_ENV, saved)
-
-
-API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
-
-
-def _restore_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_trials(plan: SweepPlan, names: list[str], todo: list[str], parent: str, nodes: list[dict], local: bool,

@@ -34,6 +34,7 @@ from dcdit.checkpoint import (CHECKPOINT_DIR, MANIFEST, STATE_FILE, capture_rng_
                               load_checkpoint, restore_rng_state, save_checkpoint)
 from dcdit.errors import DCDiTError
 from dcdit_platform.config import ExperimentConfig, build_config, check_run_name, default_run_name, science_diff
+from dcdit_platform.raycluster import ray_session, target_address
 from dcdit_platform.tracking import (PROGRESS_METRIC, Tracker, TrackingUnavailable, default_tracking_uri,
                                      flat_params, redact, redact_config, secret_env)
 
@@ -798,23 +799,20 @@ def run_training(plan: RunPlan, *, address: str | None = None, echo: Callable[[s
         echo(f"dcdit train: starting {name} (MLflow run {run_id}, storage {redact(plan.run_uri)})")
 
     t0 = time.perf_counter()
-    started_ray = _init_ray(config, address)
-    ray_startup_s = time.perf_counter() - t0
-    try:
-        result = _fit(plan, run_id, safe_config, config_hash, callbacks=callbacks)
-    except KeyboardInterrupt:
-        with contextlib.suppress(DCDiTError):
-            tracker.finish(run_id, "KILLED")
-        raise
-    except DCDiTError:
-        with contextlib.suppress(DCDiTError):
-            tracker.finish(run_id, "FAILED")
-        raise
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+    _check_local_resources(config, address)
+    # The dashboard stays on: Ray Train V2 and Tune use the State API it serves.
+    with ray_session(address, dashboard=True):
+        ray_startup_s = time.perf_counter() - t0
+        try:
+            result = _fit(plan, run_id, safe_config, config_hash, callbacks=callbacks)
+        except KeyboardInterrupt:
+            with contextlib.suppress(DCDiTError):
+                tracker.finish(run_id, "KILLED")
+            raise
+        except DCDiTError:
+            with contextlib.suppress(DCDiTError):
+                tracker.finish(run_id, "FAILED")
+            raise
     metrics = dict(result.metrics or {})
     checkpoint_uri = _checkpoint_uri(plan, result.checkpoint)
     if metrics.get("error"):
@@ -850,21 +848,13 @@ def _refuse_changed_science(name: str, config: ExperimentConfig, record: dict | 
                      "train.grad_accum, checkpoint.*, logging.*, resources.*, storage.* and tracking.* may change)")
 
 
-def _init_ray(config: ExperimentConfig, address: str | None) -> bool:
-    """Connect to `address`, reuse a running Ray in this process, or start the embedded local cluster."""
+def _check_local_resources(config: ExperimentConfig, address: str | None) -> None:
+    """An embedded cluster is this machine: refuse a run whose workers cannot fit on it before starting Ray."""
     import ray
 
-    if ray.is_initialized():
-        return False
+    if target_address(address) or ray.is_initialized():
+        return
     res = config.resources
-    if address:
-        try:
-            ray.init(address=address, logging_level="warning")
-        except Exception as err:  # noqa: BLE001 - connection problems come in many types
-            raise DCDiTError(f"cannot connect to the Ray cluster at {address}: {' '.join(str(err).split())[:200]} "
-                             "(with token authentication set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or "
-                             "RAY_AUTH_TOKEN_PATH)") from None
-        return True
     cpus = os.cpu_count() or 1
     need = res.num_workers * res.cpus_per_worker
     if need > cpus:
@@ -876,10 +866,6 @@ def _init_ray(config: ExperimentConfig, address: str | None) -> bool:
         if res.num_workers * res.gpus_per_worker > gpus:
             raise DCDiTError(f"{res.num_workers} workers x {res.gpus_per_worker:g} GPUs need more GPUs than the "
                              f"{gpus} this machine has; lower resources.num_workers or pass --address")
-    # The dashboard stays on: Ray Train V2 and Tune use the State API it serves.
-    # address="local": always a new embedded cluster, even if `ray start` left one running on this machine.
-    ray.init(address="local", num_cpus=cpus, logging_level="warning", include_dashboard=True)
-    return True
 
 
 def _fit(plan: RunPlan, run_id: str, safe_config: dict, config_hash: str, callbacks: Sequence[Any] = ()):

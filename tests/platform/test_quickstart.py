@@ -18,8 +18,8 @@ from report_support import Chromium, chromium_binary
 
 pytestmark = pytest.mark.slow
 
-TRIALS = {"DC-DiT-tiny_N2_lam0.03", "DC-DiT-tiny_N2_lam0.3", "DC-DiT-tiny_N4_lam0.03", "DC-DiT-tiny_N4_lam0.3",
-          "DiT-tiny_2", "DiT-tiny_4"}
+# The packaged sweep (N in {2, 4} x lambda in {0.03, 0.3} and two DiT baselines) at a reduced size: one lambda.
+TRIALS = {"DC-DiT-tiny_N2_lam0.3", "DC-DiT-tiny_N4_lam0.3", "DiT-tiny_2", "DiT-tiny_4"}
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,15 +33,24 @@ def _run(args: list[str], env: dict | None = None) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    """The packaged quickstart sweep with 6 steps per run, 16 samples per evaluation and a smaller reference set."""
+    """The packaged quickstart sweep with one lambda, 6 steps per run, 16 samples per evaluation and a smaller
+    reference set, on a machine that has Inception weights in its torch hub cache (seeded random ones: the real
+    file cannot be downloaded here), so every run gets FD (domain classifier) and FID."""
+    from dcdit.features import INCEPTION_WEIGHTS_FILE
+    from eval_support import random_inception_weights
+
     root = tmp_path_factory.mktemp("quickstart")
+    hub = root / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / INCEPTION_WEIGHTS_FILE).write_bytes(Path(random_inception_weights(str(root))).read_bytes())
     config = root / "sweep.yaml"
     config.write_text(f"_base_: {REPO / 'experiments/quickstart/sweep.yaml'}\n"
                       f"experiment: {REPO / 'experiments/quickstart/experiment.yaml'}\n"
+                      "grid: {model.downsample_factor: [2, 4], train.chunking.ratio_loss_weight: [0.3]}\n"
                       "evaluation: {reference_samples: 128, pr_reference_samples: 64}\n")
     out = root / "qs"
     args = ["--out", str(out), "--config", str(config), "--steps", "6", "--eval-samples", "16"]
-    done = _run([*args, "--no-fid", "--json"])
+    done = _run([*args, "--fid", "--json"], env={"TORCH_HOME": str(root / "torch")})
     assert done.returncode == 0, done.stderr[-4000:]
     return {"out": out, "args": args, "summary": json.loads(done.stdout.strip().splitlines()[-1]), "root": root}
 
@@ -56,14 +65,17 @@ def test_quickstart_json_and_mlflow_agree(quickstart):
     runs = {r["name"]: r for r in summary["runs"]}
     assert set(runs) == TRIALS
     for name, run in runs.items():
-        assert {"name", "arch", "N", "lambda", "gflops", "fd"} <= run.keys()
-        assert "fid" not in run  # --no-fid: the domain extractor's distance is FD, never called FID
-        assert run["gflops"] > 0 and math.isfinite(run["fd"])
+        assert {"name", "arch", "N", "lambda", "gflops", "fd", "fid"} <= run.keys()
+        assert run["gflops"] > 0 and math.isfinite(run["fd"]) and math.isfinite(run["fid"])
+        assert run["fd"] != run["fid"]  # two feature spaces, two numbers
         if name.startswith("DiT"):
             assert run["arch"] == "dit" and run["N"] is None and run["lambda"] is None
         else:
-            assert run["arch"] == "dcdit" and (run["N"], run["lambda"]) in {(2, 0.03), (2, 0.3), (4, 0.03), (4, 0.3)}
+            assert run["arch"] == "dcdit" and (run["N"], run["lambda"]) in {(2, 0.3), (4, 0.3)}
             assert 0.0 <= run["detail_auc"] <= 1.0
+    # DC-DiT at N=4 keeps fewer backbone tokens than at N=2, and DiT with patch 4 costs less than with patch 2.
+    assert runs["DC-DiT-tiny_N4_lam0.3"]["gflops"] < runs["DC-DiT-tiny_N2_lam0.3"]["gflops"]
+    assert runs["DiT-tiny_4"]["gflops"] < runs["DiT-tiny_2"]["gflops"]
 
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
     parent = client.get_run(summary["mlflow_run_id"])
@@ -71,18 +83,22 @@ def test_quickstart_json_and_mlflow_agree(quickstart):
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {c.data.tags["dcdit.run_name"] for c in children} == TRIALS
     for child in children:
+        run = runs[child.data.tags["dcdit.run_name"]]
         assert child.info.status == "FINISHED"
-        fd = {k: v for k, v in child.data.metrics.items() if k.startswith("eval/") and k.endswith("/fd")}
-        assert len(fd) == 1
-        assert math.isclose(next(iter(fd.values())), runs[child.data.tags["dcdit.run_name"]]["fd"], rel_tol=1e-12)
+        for key in ("fd", "fid"):  # one evaluation per feature space, as the summary says
+            values = [v for k, v in child.data.metrics.items() if k.startswith("eval/") and k.endswith(f"/{key}")]
+            assert len(values) == 1 and math.isclose(values[0], run[key], rel_tol=1e-12), (key, values)
         gflops = next(v for k, v in child.data.metrics.items() if k.endswith("/gflops_per_image"))
-        assert math.isclose(gflops, runs[child.data.tags["dcdit.run_name"]]["gflops"], rel_tol=1e-12)
+        assert math.isclose(gflops, run["gflops"], rel_tol=1e-12)
     artifacts = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report.html", "report.md", "runs.csv", "figures"} <= artifacts
     # The science is stated, not only plotted.
     findings = summary["findings"]
     assert findings["detail"][0].startswith("Boundaries follow the ground-truth detail masks in")
-    assert sum("kept fraction" in line for line in findings["timestep"]) == 4
+    assert sum("kept fraction" in line for line in findings["timestep"]) == 2
+    # FD (domain classifier) and FID (Inception) are two protocols: never ranked together.
+    text = Path(summary["report_md"]).read_text()
+    assert "WARNING: 2 different evaluation protocols" in text and "extractor" in text
 
 
 def test_quickstart_report_renders_in_headless_chromium(quickstart, tmp_path):
@@ -96,7 +112,7 @@ def test_quickstart_report_renders_in_headless_chromium(quickstart, tmp_path):
     finally:
         browser.close()
     assert rendered.errors == []
-    assert len(rendered.images) >= 4 + 4  # Pareto, timestep, loss, 4 boundary maps (+ sample grids)
+    assert len(rendered.images) >= 3 + 2  # Pareto, timestep, loss, 2 boundary maps (+ sample grids)
     assert all(image["complete"] and image["width"] > 0 for image in rendered.images)
     assert not rendered.blank()
 
@@ -105,29 +121,3 @@ def test_other_settings_in_the_same_folder_are_refused_in_one_line(quickstart, c
     rc = main(["quickstart", *quickstart["args"][:-4], "--steps", "7", "--eval-samples", "16"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "holds a quickstart run with other settings" in err[0]
-
-
-@pytest.mark.timeout(1200)
-def test_fid_is_added_when_inception_weights_are_present(quickstart, tmp_path):
-    """Re-running with Inception weights in the torch hub cache (seeded random ones: the real file cannot be
-    downloaded here) keeps the finished runs, adds FID next to FD, and the report keeps the two protocols apart."""
-    from dcdit.features import INCEPTION_WEIGHTS_FILE
-    from eval_support import random_inception_weights
-
-    hub = tmp_path / "torch" / "hub" / "checkpoints"
-    hub.mkdir(parents=True)
-    (hub / INCEPTION_WEIGHTS_FILE).write_bytes(Path(random_inception_weights(str(tmp_path))).read_bytes())
-    done = _run([*quickstart["args"], "--fid", "--json"], env={"TORCH_HOME": str(tmp_path / "torch")})
-    assert done.returncode == 0, done.stderr[-4000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["mlflow_run_id"] == quickstart["summary"]["mlflow_run_id"]  # the same sweep, not re-trained
-    first = {r["name"]: r for r in quickstart["summary"]["runs"]}
-    for run in summary["runs"]:
-        assert math.isfinite(run["fid"]) and run["fd"] == first[run["name"]]["fd"]
-    client = MlflowClient(tracking_uri=summary["tracking_uri"])
-    for run in summary["runs"]:
-        metrics = client.get_run(run["run_id"]).data.metrics
-        fids = [v for k, v in metrics.items() if k.startswith("eval/") and k.endswith("/fid")]
-        assert len(fids) == 1 and math.isclose(fids[0], run["fid"], rel_tol=1e-12)
-    text = Path(summary["report_md"]).read_text()
-    assert "WARNING: 2 different evaluation protocols" in text and "extractor" in text

@@ -53,11 +53,37 @@ def last_json(text: str) -> dict:
     raise AssertionError(f"no JSON summary in output:\n{text[-3000:]}")
 
 
-def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+def session_pids(sid: int) -> list[int]:
+    """Processes of session `sid` (field 6 of /proc/PID/stat). Ray's workers put themselves in their own process
+    groups, so killing the driver's group leaves them running; they stay in its session."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_session(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGKILL the driver and every process it started (its local Ray included) at once: a lost head node."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = session_pids(proc.pid)
+        if not alive:
+            break
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if proc.poll() is None:
+            proc.wait(timeout=10)
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"processes of session {proc.pid} survived SIGKILL: {session_pids(proc.pid)}")
 
 
 def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -146,11 +172,9 @@ def test_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path
 
         wait_for(ready, 420, "a finished trial and a DiT checkpoint", proc, log1)
         time.sleep(2.5)  # Ray Train registers a reported checkpoint within ~2 s (its polling interval)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        finished = done()
     finally:
-        kill_group(proc)  # the local Ray this driver started: the "lost head node"
+        kill_session(proc)  # the driver and the local Ray it started, trial processes included
+    finished = done()
     assert proc.returncode == -signal.SIGKILL
     assert finished and "DiT-tiny_2" not in finished, f"the DiT trial finished before the kill: {finished}"
 
@@ -250,12 +274,7 @@ def head_cluster(tmp_path, s3_server):
         wait_for(up, 180, "the Ray head's job server", head, log)
         yield address, env
     finally:
-        kill_group(head, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        kill_group(head)
+        kill_session(head)  # `ray stop`-like, without touching other Ray instances on the machine
 
 
 def test_ray_job_submit_runs_the_smoke_sweep(tmp_path, mlflow_server, s3_server, head_cluster):
@@ -340,7 +359,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes_and_survives_losing_one(tmp_
         assert len(all_workers) > len(SMOKE_TRIALS)
     finally:
         if proc is not None and proc.poll() is None:
-            kill_group(proc)
+            kill_session(proc)
         cluster.shutdown()
 
 
@@ -350,8 +369,9 @@ def test_sixteen_tiny_trials_all_finish(tmp_path, mlflow_server):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"_base_: {SMOKE}\n"
                      "name: load16\n"
-                     "overrides: {train.steps: 2, checkpoint.every: 2, logging.every: 2, logging.sample_count: 2,"
-                     " logging.sample_steps: 2}\n"
+                     # The load is the trials' Ray processes; their own work is kept to one checkpointed step.
+                     "overrides: {train.steps: 1, checkpoint.every: 1, logging.every: 1, logging.artifacts_every: -1,"
+                     " data.num_samples: 64}\n"
                      "grid:\n"
                      "  model.downsample_factor: [2, 4, 9, 16]\n"
                      "  train.chunking.ratio_loss_weight: [0.01, 0.03, 0.1, 0.3]\n"

@@ -1,0 +1,82 @@
+"""Where a command's Ray comes from: the cluster named by `--address`, the cluster of the Ray job the command runs
+in (`ray job submit` sets RAY_ADDRESS), or else an embedded local cluster that lives as long as the command.
+
+Every command (train, eval, sweep, prepare-data, quickstart) goes through `ray_session`, so they agree on that rule.
+A plain `ray.init()` would instead attach to whatever `ray start` cluster it finds on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+from dcdit.errors import DCDiTError
+
+# Ray Train V2's placement-group cleaner finds the State API by auto-detecting "the" Ray of its machine, which fails
+# when several run there (tests, shared hosts). An embedded cluster with a dashboard points it at its own.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+TOKEN_HINT = ("with token authentication (on by default since Ray 2.59) set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+              "or RAY_AUTH_TOKEN_PATH")
+
+
+def target_address(address: str | None) -> str | None:
+    """The cluster a command attaches to, or None for an embedded local one."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False,
+                **init_kwargs: Any) -> Iterator[bool]:
+    """Attach to `address` (or RAY_ADDRESS), or start an embedded local Ray with `num_cpus` (default: all cores).
+
+    Yields whether this call attached or started Ray (it is then shut down on exit); a Ray already initialised in
+    this process (a sweep's trial, a test) is reused and left running. Connection failures are one DCDiTError."""
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    target = target_address(address)
+    saved = os.environ.get(API_SERVER_ENV)
+    try:
+        if target:
+            ray.init(address=target, logging_level="warning", **init_kwargs)
+        else:
+            local: dict[str, Any] = {"include_dashboard": dashboard}
+            if dashboard:
+                port = free_port()
+                # Set before ray.init so the raylet, and every worker it starts, inherits it.
+                os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+                local.update(dashboard_host="127.0.0.1", dashboard_port=port)
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, logging_level="warning",
+                     **local, **init_kwargs)
+    except Exception as err:  # noqa: BLE001 - connection problems come in many types
+        _restore_env(API_SERVER_ENV, saved)
+        where = f"the Ray cluster at {target}" if target else "a local Ray"
+        raise DCDiTError(f"cannot start or connect to {where}: {' '.join(str(err).split())[:200]} ({TOKEN_HINT})"
+                         ) from None
+    try:
+        yield True
+    finally:
+        ray.shutdown()
+        _restore_env(API_SERVER_ENV, saved)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+__all__ = ["ray_session", "target_address", "free_port", "API_SERVER_ENV"]
