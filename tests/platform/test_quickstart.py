@@ -90,6 +90,18 @@ def test_quickstart_json_and_mlflow_agree(quickstart):
             assert len(values) == 1 and math.isclose(values[0], run[key], rel_tol=1e-12), (key, values)
         gflops = next(v for k, v in child.data.metrics.items() if k.endswith("/gflops_per_image"))
         assert math.isclose(gflops, run["gflops"], rel_tol=1e-12)
+    # The sweep's evaluation protocol ran on every finished trial (outside its placement group), logged into the
+    # trial's run, and its numbers reached the sweep's trial records.
+    for child in children:
+        name = child.data.tags["dcdit.run_name"]
+        record = json.loads((out / "runs" / "quickstart" / "_trials" / f"{name}.json").read_text())
+        evaluation = record["evaluation"]
+        assert record["status"] == "FINISHED" and evaluation["num_samples"] == 16 and evaluation["step"] == 6
+        assert record["metrics"]["eval/fd"] == runs[name]["fd"]
+        assert child.data.metrics[f"eval/{evaluation['slug']}/fd"] == record["metrics"]["eval/fd"]
+        assert {k for k in record["metrics"] if k.startswith("eval/")} <= {
+            "eval/fd", "eval/kd_mean", "eval/kd_std", "eval/precision", "eval/recall", "eval/class_accuracy"}
+        assert Path(evaluation["result_uri"]).is_file()
     artifacts = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report.html", "report.md", "runs.csv", "figures"} <= artifacts
     # The science is stated, not only plotted.

@@ -211,40 +211,6 @@ def test_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path
     assert json.loads((root / "sweep.json").read_text())["attempts"] == 2
 
 
-# --- the evaluation protocol ----------------------------------------------------------------------------------------
-
-def test_evaluation_protocol_runs_on_every_finished_trial(tmp_path_factory, tmp_path, mlflow_server):
-    """A one-trial sweep with an evaluation protocol (a tiny FID with offline stand-in Inception weights): the
-    evaluator runs outside the trial's placement group, logs into the trial's run, and its numbers reach the summary."""
-    from eval_support import random_inception_weights
-
-    weights = random_inception_weights(str(tmp_path_factory.getbasetemp()))
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(f"_base_: {SMOKE}\n"
-                     "name: evaluated\n"
-                     "overrides: {train.steps: 2, checkpoint.every: 2, logging.every: 2, logging.sample_count: 2,"
-                     " logging.sample_steps: 2}\n"
-                     "grid: null\n"
-                     "baselines: []\n"
-                     "evaluation: {num_samples: 8, sampler: ddim, sample_steps: 2, batch_size: 2, shard_size: 2,"
-                     f" reference_samples: 10, metrics: [fid], weights: {weights}}}\n")
-    storage, experiment = tmp_path / "runs", f"sweep-eval-{uuid.uuid4().hex[:6]}"
-    done = subprocess.run(sweep_args(sweep, storage, mlflow_server.uri, experiment), capture_output=True, text=True,
-                          env=cli_env(), timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    summary = last_json(done.stdout)
-    client, parent, children = mlflow_runs(mlflow_server.uri, experiment)
-    check_summary(summary, ["DC-DiT-tiny"], parent.info.run_id, storage, "evaluated")
-    check_children(client, parent, children, summary)
-    trial = summary["trials"][0]
-    fid = trial["metrics"]["eval/fid"]
-    assert fid >= 0 and trial["evaluation"]["num_samples"] == 8 and trial["evaluation"]["step"] == 2
-    assert sorted(k for k in trial["metrics"] if k.startswith("eval/")) == ["eval/fid"]
-    prefix = f"eval/{trial['evaluation']['slug']}"
-    assert children["DC-DiT-tiny"].data.metrics[f"{prefix}/fid"] == pytest.approx(fid)
-    assert Path(trial["evaluation"]["result_uri"]).is_file()
-
-
 # --- ray job submit to a `ray start --head` cluster ----------------------------------------------------------------
 
 @pytest.fixture
