@@ -32,23 +32,6 @@ ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # the controller registers r
        "DCDIT_TEST_API_TOKEN": SECRETS["env_token"]}
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    """The session's Ray instance when one is up, else a new local one (after the S3 server, so its workers inherit
-    the AWS_* variables). `address="local"`: a plain ray.init() would attach to a cluster that `ray start` left
-    running on this shared machine, and refuse num_cpus."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level="warning")
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 def _cli(args: list[str], out: dict) -> None:
     stdout, stderr = io.StringIO(), io.StringIO()
     try:
