@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -24,17 +23,12 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dcdit_platform.raycluster import free_port
 
 from dcdit.data import DataReader, SyntheticDataset, open_dataset, write_dataset
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1",
           "AWS_EC2_METADATA_DISABLED": "true"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_s3() -> tuple[object, str]:

@@ -7,17 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import uuid
 from dataclasses import dataclass
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dcdit_platform.raycluster import free_port
 
 
 # --- S3: moto's threaded server on 127.0.0.1, spoken to over HTTP by s3fs/pyarrow/boto3 -----------------------

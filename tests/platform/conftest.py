@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,12 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dcdit_platform.raycluster import free_port
 
 
 @dataclass(frozen=True)
@@ -38,7 +32,7 @@ class MlflowServer:
 def mlflow_server(tmp_path_factory):
     """`mlflow server` as a subprocess (its own process group, stopped at the end of the session)."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     log = open(root / "server.log", "wb")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers
     proc = subprocess.Popen(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from dcdit_platform.raycluster import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "experiments" / "smoke-sweep.yaml"
 SMOKE_TRIALS = ["DC-DiT-tiny_N4_lam0.01", "DC-DiT-tiny_N4_lam0.1", "DiT-tiny_2"]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli_env(**extra: str) -> dict[str, str]:

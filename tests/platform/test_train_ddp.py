@@ -4,21 +4,21 @@ i.e. DDP's no_sync path) produce the same gradients as one process on the same g
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
-
 from dcdit_platform.config import build_config
+from dcdit_platform.raycluster import free_port
 from train_helpers import tiny_config
 
 SPLITS = ((1, "accum1"), (2, "accum2"))  # per-worker grad_accum of the 2-worker runs
 
 
 def _gradients(config, rank: int, world: int, grad_accum: int, ddp: bool) -> tuple[dict, torch.Tensor]:
+    from dcdit_platform.train import Runtime, build_student, make_reader, open_source, train_step
+
     from dcdit.diffusion import create_diffusion
     from dcdit.objective import TrainingObjective
-    from dcdit_platform.train import Runtime, build_student, make_reader, open_source, train_step
 
     model = build_student(config, fresh=True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -53,10 +53,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_workers_give_the_gradients_of_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
