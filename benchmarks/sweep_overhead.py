@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed at the end")
     args = parser.parse_args()
 
-    from dcdit_platform.sweep import load_sweep
+    from dcdit_platform.sweeps import load_sweep
     from dcdit_platform.tracking import Tracker, default_tracking_uri
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dcdit-sweep-bench-"))

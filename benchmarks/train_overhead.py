@@ -76,7 +76,7 @@ def plain_loop(config) -> dict:
 
 
 def platform_run(config, name: str) -> dict:
-    from dcdit_platform.train import plan_run, run_training
+    from dcdit_platform.training import plan_run, run_training
 
     t0 = time.perf_counter()
     summary = run_training(plan_run(config, name=name), echo=lambda _: None)

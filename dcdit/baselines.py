@@ -16,7 +16,8 @@ from typing import Literal
 
 from dcdit.config import ModelConfig
 from dcdit.errors import DCDiTError
-from dcdit.flops import count_params, dit_macs, dit_params, model_macs
+from dcdit.flops import count_params, dit_macs, dit_params
+from dcdit.models.family import forward_macs
 
 MatchRule = Literal["deepen", "widen"]
 
@@ -48,7 +49,7 @@ def param_matched_dit(dcdit_config: ModelConfig, patch_size: int | None = None,
 def flop_matched_dit(dcdit_config: ModelConfig, patch_size: int | None = None, kept_fraction: float | None = None,
                      rule: MatchRule = "deepen") -> ModelConfig:
     """The DiT whose forward MACs per sample are closest to the DC-DiT's at `kept_fraction` (default 1/N)."""
-    target = model_macs(dcdit_config, kept_fraction).total
+    target = forward_macs(dcdit_config, kept_fraction).total
     return _match(dcdit_config, patch_size, rule, target, lambda c: dit_macs(c).total)
 
 

@@ -68,7 +68,7 @@ def _block_terms(config: ModelConfig, tokens: float, squared_tokens: float) -> d
 def dit_macs(config: ModelConfig) -> MacCount:
     """MACs of one DiT forward pass on one sample (the DiT paper's Gflops)."""
     if config.arch != "dit":
-        raise DCDiTError(f"dit_macs needs a DiT config, got arch={config.arch!r}; use model_macs")
+        raise DCDiTError(f"dit_macs needs a DiT config, got arch={config.arch!r}; use dcdit.models.forward_macs")
     d, p, n = config.hidden_size, config.patch_size, config.num_tokens
     terms = {
         "patch_embed": config.in_channels * p * p * d * n,
@@ -99,7 +99,7 @@ def dcdit_macs(config: ModelConfig, kept_fraction: float | None = None, *,
     from dcdit.models.dcdit import scaffold_widths
 
     if config.arch != "dcdit":
-        raise DCDiTError(f"dcdit_macs needs a DC-DiT config, got arch={config.arch!r}; use model_macs")
+        raise DCDiTError(f"dcdit_macs needs a DC-DiT config, got arch={config.arch!r}; use dcdit.models.forward_macs")
     d, w, positions = config.hidden_size, config.scaffold_channels, config.num_tokens
     if kept_tokens is not None:
         if kept_fraction is not None:
@@ -135,15 +135,6 @@ def dcdit_macs(config: ModelConfig, kept_fraction: float | None = None, *,
         "final_linear": w * config.out_channels * positions,
     }
     return MacCount({k: float(v) for k, v in terms.items()}, config.depth * config.num_heads * mean_sq, mean_kept)
-
-
-def model_macs(config: ModelConfig, kept_fraction: float | None = None) -> MacCount:
-    """Analytic MACs per sample of a DiT, or of a DC-DiT keeping `kept_fraction` of its tokens (default 1/N)."""
-    if config.arch == "dit":
-        if kept_fraction is not None:
-            raise DCDiTError("kept_fraction applies to DC-DiT models only; a DiT runs on every patch")
-        return dit_macs(config)
-    return dcdit_macs(config, kept_fraction)
 
 
 def sampling_tflops(gmacs: float, steps: int = 250, cfg: bool = False) -> float:
@@ -251,6 +242,6 @@ def kept_fraction_of(kept: torch.Tensor, config: ModelConfig) -> float:
     return float(kept.double().mean()) / config.num_tokens
 
 
-__all__ = ["MacCount", "dit_macs", "dcdit_macs", "model_macs", "sampling_tflops", "dit_params", "count_params",
+__all__ = ["MacCount", "dit_macs", "dcdit_macs", "sampling_tflops", "dit_params", "count_params",
            "flop_counter", "measure_macs", "calibrate_router", "kept_fraction_of"]
 

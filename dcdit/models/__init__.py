@@ -9,11 +9,12 @@ import torch.nn as nn
 from dcdit.config import ModelConfig, preset
 from dcdit.models.dcdit import DCDiT
 from dcdit.models.dit import DiT
+from dcdit.models.family import FAMILIES, ModelFamily, family_of, forward_macs
 
 
 def build_model(config: ModelConfig) -> nn.Module:
     """The model a config describes (DiT or DC-DiT), freshly initialised."""
-    return DiT(config) if config.arch == "dit" else DCDiT(config)
+    return family_of(config).build(config)
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
@@ -21,4 +22,4 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     return build_model(preset(name, **overrides))
 
 
-__all__ = ["DiT", "DCDiT", "build_model", "create_model"]
+__all__ = ["DiT", "DCDiT", "build_model", "create_model", "FAMILIES", "ModelFamily", "family_of", "forward_macs"]

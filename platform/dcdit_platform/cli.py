@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 
 from dcdit.errors import DCDiTError
+from dcdit_platform import console
 
 # Modules under dcdit_platform.commands, in the order `dcdit --help` lists them.
 COMMAND_MODULES = ("flops", "bench", "data", "train", "evaluate", "fid", "sweep", "report", "quickstart")
@@ -25,20 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_json(obj) -> None:
-    """The machine-readable summary: one JSON object on the last line of stdout."""
-    print(json.dumps(obj, sort_keys=True, default=str), flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except DCDiTError as err:
-        print(f"dcdit {args.command}: error: {err}", file=sys.stderr)
+        console.error(args.command, str(err))
         return 2
     except KeyboardInterrupt:
-        print(f"dcdit {args.command}: interrupted", file=sys.stderr)
+        console.echo(args.command)("interrupted")
         return 130
 
 

@@ -36,6 +36,7 @@ from dcdit.features import DOMAIN_EXTRACTOR, INCEPTION, file_sha256
 from dcdit.metrics import (BiasedEstimateWarning, FeatureStats, Moments, class_accuracy, frechet_distance,
                            inception_score, kernel_distance, precision_recall)
 from dcdit_platform.raycluster import ray_session, target_address
+from dcdit_platform.runs import LoadedCheckpoint, open_checkpoint
 
 RESULTS_DIR = "evaluations"  # {storage}/{run name}/evaluations/{checkpoint}/{slug}.json
 CACHE_DIR = "_cache"  # {storage}/_cache/fid-references/{key}.npz, {storage}/_cache/extractors/{key}.safetensors
@@ -765,87 +766,6 @@ class NpzSampleWriter:
 # The checkpoint
 # =====================================================================================================================
 
-@dataclass
-class LoadedCheckpoint:
-    uri: str
-    dirname: str
-    run_name: str | None
-    step: int | None
-    mlflow_run_id: str | None
-    config: Any  # ExperimentConfig
-    state: dict
-    weights: dict[str, torch.Tensor]
-    used_ema: bool
-    storage_root: str | None  # the training storage the checkpoint lives in, when recognisable
-
-
-def load_eval_checkpoint(uri: str) -> LoadedCheckpoint:
-    """The checkpoint at `uri` (a checkpoint directory or a run directory: its latest complete checkpoint)."""
-    from dcdit.checkpoint import CHECKPOINT_DIR, MANIFEST, find_latest_checkpoint, load_checkpoint
-    from dcdit_platform.config import build_config
-    from dcdit_platform.storage import open_storage
-
-    storage = open_storage(uri)
-    if not storage.exists(MANIFEST):
-        names = sorted((n for n in storage.listdir() if CHECKPOINT_DIR.fullmatch(n)), reverse=True)
-        if not names:
-            raise DCDiTError(f"no checkpoint at {uri}: expected a checkpoint directory (with {MANIFEST}) or a run "
-                             "directory holding checkpoint_* directories")
-        if storage.is_local:
-            latest = find_latest_checkpoint(storage.root)
-            if latest is None:
-                raise DCDiTError(f"{uri} holds no complete checkpoint")
-            storage = open_storage(str(latest))
-        else:
-            from dcdit_platform.train import latest_checkpoint_state
-
-            latest = latest_checkpoint_state(storage)
-            if latest is None:
-                raise DCDiTError(f"{uri} holds no complete checkpoint")
-            storage = storage.child(latest[0])
-    with contextlib.ExitStack() as stack:
-        local = storage.root
-        if not storage.is_local:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="dcdit-eval-ckpt-"))
-            storage.download("", tmp)
-            local = tmp
-        ckpt = load_checkpoint(local)
-    if ckpt.config is None:
-        raise DCDiTError(f"checkpoint {storage.uri} has no config.json: it was not written by `dcdit train`")
-    try:
-        config = build_config(_without_redacted(ckpt.config))
-    except DCDiTError as err:
-        raise DCDiTError(f"checkpoint {storage.uri} holds an invalid config: {err}") from None
-    weights, used_ema = (ckpt.ema_state, True) if ckpt.ema_state is not None else (ckpt.model_state, False)
-    if not used_ema:
-        warnings.warn(f"checkpoint {storage.uri} has no EMA weights; evaluating the raw model weights", stacklevel=2)
-    weights = {_strip_prefix(k): v for k, v in weights.items()}
-    dirname = storage.uri.rstrip("/").rsplit("/", 1)[-1]
-    parent = storage.uri.rstrip("/").rsplit("/", 1)[0]
-    run_parent = parent.rsplit("/", 1)[0] if "/" in parent else None
-    run_name = ckpt.state.get("run_name") or config.name
-    storage_root = None
-    if run_parent is not None and run_name and parent.rstrip("/").endswith("/" + run_name):
-        storage_root = run_parent
-    return LoadedCheckpoint(uri=storage.uri, dirname=dirname, run_name=run_name, step=ckpt.step,
-                            mlflow_run_id=ckpt.state.get("mlflow_run_id"), config=config, state=ckpt.state,
-                            weights=weights, used_ema=used_ema, storage_root=storage_root)
-
-
-def _without_redacted(tree):
-    """Secret values were stored as ***: drop them so credentials come from the environment again."""
-    if isinstance(tree, dict):
-        return {k: _without_redacted(v) for k, v in tree.items() if v != "***"}
-    return tree
-
-
-def _strip_prefix(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
-
-
 def training_reference(config) -> tuple[str, dict | None]:
     """(reference spec, synthetic params or None) of a run's own training data."""
     d = config.data
@@ -870,7 +790,7 @@ def evaluate(cfg: EvalConfig, *, on_event: Callable[[dict], None] | None = None,
 
     cfg.validate()
     started = time.perf_counter()
-    ckpt = load_eval_checkpoint(cfg.checkpoint)
+    ckpt = open_checkpoint(cfg.checkpoint)
     config, model_cfg = ckpt.config, ckpt.config.model
     rhos = cfg.rhos()
     if model_cfg.arch != "dcdit" and (any(r is not None for r in rhos) or cfg.lite_cfg):
@@ -987,7 +907,7 @@ def parse_synthetic(text: str) -> dict:
 
 
 def _worker_env() -> dict[str, str]:
-    from dcdit_platform.tracking import secret_env
+    from dcdit_platform.secrets import secret_env
 
     return secret_env()
 
@@ -1394,4 +1314,4 @@ def save_statistics(path: str, pool: FeatureStats, spatial: FeatureStats | None,
 
 __all__ = ["EvalConfig", "evaluate", "fid_between", "sample_seed", "sample_labels", "quantize", "SamplingPlan",
            "generate", "EvalWorker", "ActorPool", "reference_key", "reference_selection", "protocol_slug",
-           "NpzSampleWriter", "load_eval_checkpoint", "save_statistics", "ALL_METRICS", "shards_of"]
+           "NpzSampleWriter", "save_statistics", "ALL_METRICS", "shards_of"]

@@ -63,7 +63,7 @@ def write_sweep_file(out: Path, base: Path, *, steps: int | None, eval_samples: 
 def prepare_domain_extractor(plan, echo: Callable[[str], None]) -> None:
     """Train the synthetic domain classifier (the FD feature extractor) once, into the sweep's cache, before the
     trials start: concurrent trial evaluations would otherwise each train it."""
-    from dcdit_platform.evaluate import domain_classifier_path, training_reference
+    from dcdit_platform.evaluation import domain_classifier_path, training_reference
 
     config = plan.trials[0].config
     source = training_reference(config)[1]
@@ -87,9 +87,9 @@ def inception_available() -> str | None:
 def evaluate_fid(plan, summary: dict, weights: str, echo: Callable[[str], None]) -> None:
     """FID of every finished trial with the sweep's protocol and the Inception features (logged to its run)."""
     from dcdit.features import INCEPTION
-    from dcdit_platform.evaluate import EvalConfig, evaluate
+    from dcdit_platform.evaluation import EvalConfig, evaluate
     from dcdit_platform.raycluster import ray_session
-    from dcdit_platform.sweep import eval_protocol
+    from dcdit_platform.sweeps import eval_protocol
 
     protocol = dict(eval_protocol(plan.spec.evaluation or {}, plan.trials[0].config.resources))
     protocol.update(extractor=INCEPTION, weights=weights, workers=None)  # one actor per CPU
@@ -107,8 +107,8 @@ def run_quickstart(out: str | os.PathLike | None = None, *, config: str | os.Pat
                    steps: int | None = None, eval_samples: int | None = None, fid: bool | None = None,
                    echo: Callable[[str], None] | None = None) -> dict:
     """Run the quickstart into `out` and return its summary (report paths, MLflow ids, one entry per run)."""
-    from dcdit_platform.report import build_report
-    from dcdit_platform.sweep import load_sweep, run_sweep
+    from dcdit_platform.reports import build_report
+    from dcdit_platform.sweeps import load_sweep, run_sweep
 
     echo = echo or (lambda text: print(f"dcdit quickstart: {text}", file=sys.stderr, flush=True))
     started = time.perf_counter()

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from dcdit.errors import DCDiTError
-from dcdit_platform.tracking import PARENT_TAG, RUN_NAME_TAG, Tracker, redact
+from dcdit_platform.secrets import redact
+from dcdit_platform.tracking import PARENT_TAG, RUN_NAME_TAG, Tracker
 
 # The fields of an evaluation that change its numbers (evaluate.PROTOCOL_PARAMS minus per-run bookkeeping): two
 # evaluations are ranked together only when all of them are equal.
@@ -507,11 +508,11 @@ def probe_checkpoint(uri: str, figure_path: Path | None, *, num_images: int = 64
     from dcdit.data.synthetic import detail_auc, mask_to_tokens, render
     from dcdit.diffusion import create_diffusion
     from dcdit.models import build_model
-    from dcdit_platform.evaluate import load_eval_checkpoint
+    from dcdit_platform.runs import open_checkpoint
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no EMA weights": the raw weights are still worth probing
-        ckpt = load_eval_checkpoint(uri)
+        ckpt = open_checkpoint(uri)
     config, m = ckpt.config, ckpt.config.model
     if m.arch != "dcdit" or not config.data.is_synthetic:
         raise DCDiTError(f"{uri} is not a DC-DiT trained on the synthetic data")

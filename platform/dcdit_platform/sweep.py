@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dcdit.errors import DCDiTError, did_you_mean
+from dcdit_platform.config import check_config_key, defining_file, set_dotted
 from dcdit_platform.raycluster import ray_session, target_address
 
 SWEEP_RECORD = "sweep.json"  # {storage}/{sweep}/sweep.json: the sweep as started (trials, hashes, parent run)
@@ -219,71 +220,6 @@ def _parse_baseline(item: Any, index: int) -> BaselineSpec:
     spec = BaselineSpec(name=name, model=model, overrides=dict(overrides), derive=tuple(derive))
     spec.validate()
     return spec
-
-
-# --- dotted config keys --------------------------------------------------------------------------------------------
-
-def config_paths() -> dict[str, bool]:
-    """Every dotted path of the experiment config tree -> whether keys below it are free (a dict field)."""
-    from dcdit.config import ModelConfig
-    from dcdit_platform.config import ExperimentConfig
-
-    out: dict[str, bool] = {"model.preset": False}
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if not f.init or f.name == "model_preset":
-                continue
-            path = f"{prefix}{f.name}"
-            hint = hints[f.name]
-            out[path] = typing.get_origin(hint) is dict
-            if dataclasses.is_dataclass(hint):
-                walk(hint, f"{path}.")
-
-    walk(ExperimentConfig, "")
-    out["model"] = False
-    walk(ModelConfig, "model.")
-    return out
-
-
-def check_config_key(key: str, where: str) -> str:
-    """`key` if it names a place in the experiment config, else a DCDiTError naming the closest path."""
-    if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
-        raise DCDiTError(f"{where} key {key!r} must be a dotted config path such as train.lr")
-    paths = config_paths()
-    if key in paths:
-        return key
-    parts = key.split(".")
-    for depth in range(len(parts) - 1, 0, -1):
-        if paths.get(".".join(parts[:depth])):  # below a free mapping such as tracking.tags
-            return key
-    leaves = [p for p in paths if p != "model"]
-    hint = did_you_mean(key, leaves)
-    if not hint:  # a misspelled last part under a known section: suggest among that section's keys
-        parent = ".".join(parts[:-1])
-        siblings = [p for p in leaves if p.rsplit(".", 1)[0] == parent]
-        hint = did_you_mean(key, siblings)
-    raise DCDiTError(f"{where} key '{key}' is not a config key{hint}; see `dcdit train --help` and the experiment "
-                     "YAML files for the config tree (e.g. model.downsample_factor, train.chunking.ratio_loss_weight)")
-
-
-def set_dotted(tree: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """Set `a.b.c` in a nested config dict (in place); `model: DC-DiT-B` becomes {preset: DC-DiT-B} when needed."""
-    parts = key.split(".")
-    node = tree
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            if depth == 0 and part == "model" and isinstance(child, str):
-                child = node[part] = {"preset": child}
-            else:
-                raise DCDiTError(f"{key}: '{'.'.join(parts[:depth + 1])}' is a value, not a section")
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
-    return tree
 
 
 # =====================================================================================================================
@@ -480,7 +416,7 @@ class SweepPlan:
 
     @property
     def display_tracking_uri(self) -> str:
-        from dcdit_platform.tracking import redact
+        from dcdit_platform.secrets import redact
 
         return redact(self.tracking_uri)
 
@@ -513,7 +449,7 @@ def load_sweep(path: str | os.PathLike, *, name: str | None = None, overrides: S
     path = str(path)
     source = load_yaml_tree(path)
     spec = parse_sweep(source, path)
-    origin = _defining_file(Path(path).resolve(), "experiment") or Path(path).resolve()
+    origin = defining_file(Path(path).resolve(), "experiment") or Path(path).resolve()
     experiment_path = origin.parent / spec.experiment
     if not experiment_path.is_file():
         raise DCDiTError(f"experiment: {spec.experiment} not found next to {origin} ({experiment_path})")
@@ -592,25 +528,6 @@ def load_sweep(path: str | os.PathLike, *, name: str | None = None, overrides: S
             raise DCDiTError(f"trial {trial.name} changes resources.*; set per-trial resources in the sweep's "
                              "`resources:` section (one footprint for all trials)")
     return plan
-
-
-def _defining_file(path: Path, key: str, _depth: int = 0) -> Path | None:
-    """The file of a `_base_` chain whose own YAML sets `key` (the last base wins, as in the merge)."""
-    from dcdit_platform.config import parse_yaml
-
-    if _depth > 16 or not path.is_file():
-        return None
-    data = parse_yaml(path.read_text(), str(path)) or {}
-    if not isinstance(data, dict):
-        return None
-    if key in data:
-        return path
-    bases = data.get("_base_") or []
-    for base in reversed([bases] if isinstance(bases, str) else list(bases)):
-        found = _defining_file(path.parent / str(base), key, _depth + 1)
-        if found:
-            return found
-    return None
 
 
 def eval_protocol(protocol: dict[str, Any], resources) -> dict[str, Any]:
@@ -769,7 +686,7 @@ def trial_main(config: dict, ctx: dict | None = None) -> None:
     plan = plan_run(build_config(tree), name=name)
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from dcdit_platform.train import latest_checkpoint_state
+    from dcdit_platform.runs import latest_checkpoint_state
 
     latest = latest_checkpoint_state(plan.storage.child(name))
     resumed_from = latest[0] if latest else None
@@ -872,7 +789,7 @@ def _tune_callback_class():
 
 
 def _error_text(trial) -> str:
-    from dcdit_platform.tracking import redact
+    from dcdit_platform.secrets import redact
 
     text = ""
     with contextlib.suppress(Exception):
@@ -893,7 +810,7 @@ class _Driver:
         self.replayed: set[str] = set()  # trials done before this attempt (they only replay their history)
 
     def trial_run_id(self, name: str) -> str | None:
-        from dcdit_platform.train import read_run_record
+        from dcdit_platform.runs import read_run_record
 
         with contextlib.suppress(DCDiTError, OSError):
             record = read_run_record(self.plan.sweep_storage, name)
@@ -903,7 +820,7 @@ class _Driver:
 
     def trial_ended(self, name: str, error: str | None) -> None:
         """A Tune trial ended: finished (its record exists), stopped by the scheduler, or failed for good."""
-        from dcdit_platform.train import latest_checkpoint_state
+        from dcdit_platform.runs import latest_checkpoint_state
 
         record = self.state.trial(name)
         if record is not None and record.get("status") in FINAL:
@@ -945,7 +862,8 @@ class _Driver:
 def run_sweep(plan: SweepPlan, *, resume: bool = False, address: str | None = None,
               echo: Callable[[str], None] | None = None) -> dict:
     """Run (or, with `resume`, continue) the planned sweep on Ray Tune; returns the JSON summary."""
-    from dcdit_platform.tracking import Tracker, flat_params, redact, redact_config
+    from dcdit_platform.secrets import redact, redact_config
+    from dcdit_platform.tracking import Tracker, flat_params
     from dcdit_platform.train import plan_run
 
     echo = echo or (lambda text: print(f"dcdit sweep: {text}", file=sys.stderr, flush=True))
@@ -1040,7 +958,7 @@ def _run_trials(plan: SweepPlan, names: list[str], todo: list[str], parent: str,
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from dcdit_platform.tracking import secret_env
+    from dcdit_platform.secrets import secret_env
 
     spec = plan.spec
     max_concurrent, warning = resolve_max_concurrent(spec.max_concurrent_trials, nodes, plan.footprint, len(todo),
@@ -1088,7 +1006,7 @@ def _run_trials(plan: SweepPlan, names: list[str], todo: list[str], parent: str,
 
 
 def _summarize(plan: SweepPlan, state: SweepState, driver: _Driver, parent: str) -> dict:
-    from dcdit_platform.train import latest_checkpoint_state, read_run_record
+    from dcdit_platform.runs import latest_checkpoint_state, read_run_record
 
     trials = []
     for t in plan.trials:
@@ -1142,6 +1060,6 @@ def _need(ok: bool, key: str, value: Any, rule: str) -> None:
 
 
 __all__ = ["SweepSpec", "SchedulerSpec", "BaselineSpec", "TrialSpec", "SweepPlan", "TrialFootprint", "parse_sweep",
-           "load_sweep", "expand_trials", "derive_baseline", "check_config_key", "config_paths", "trials_that_fit",
+           "load_sweep", "expand_trials", "derive_baseline", "trials_that_fit",
            "resolve_max_concurrent", "run_sweep", "trial_main", "SweepState", "FINISHED", "STOPPED", "FAILED",
            "INTERRUPTED", "PENDING"]

@@ -30,21 +30,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcdit.checkpoint import (CHECKPOINT_DIR, MANIFEST, STATE_FILE, capture_rng_state, find_latest_checkpoint,
+from dcdit.checkpoint import (CHECKPOINT_DIR, capture_rng_state, find_latest_checkpoint,
                               load_checkpoint, restore_rng_state, save_checkpoint)
 from dcdit.errors import DCDiTError
 from dcdit_platform.config import ExperimentConfig, build_config, check_run_name, default_run_name, science_diff
 from dcdit_platform.raycluster import ray_session, target_address
-from dcdit_platform.tracking import (PROGRESS_METRIC, Tracker, TrackingUnavailable, default_tracking_uri,
-                                     flat_params, redact, redact_config, secret_env)
+from dcdit_platform.runs import checkpoint_name, latest_checkpoint_state, read_run_record, write_run_record
+from dcdit_platform.secrets import redact, redact_config, secret_env
+from dcdit_platform.tracking import PROGRESS_METRIC, Tracker, TrackingUnavailable, default_tracking_uri, flat_params
 
-RUN_RECORD = "dcdit_run.json"  # in {storage}/{name}/: what `dcdit resume NAME` needs to rebuild the run
 TIMESTEP_BUCKETS = 5  # kept fraction is logged per fifth of the diffusion time range
-
-
-def checkpoint_name(step: int) -> str:
-    """Ray's checkpoint_dir_name for `step`; the same pattern as dcdit.checkpoint.checkpoint_dir."""
-    return f"checkpoint_{step:08d}"
 
 
 # =====================================================================================================================
@@ -727,33 +722,6 @@ def _check_data(config: ExperimentConfig) -> None:
                          f"{config.train.global_batch}")
 
 
-def latest_checkpoint_state(run_dir) -> tuple[str, dict] | None:
-    """(directory name, state.json) of the newest complete checkpoint in a run folder on any storage."""
-    try:
-        names = sorted((n for n in run_dir.listdir() if CHECKPOINT_DIR.fullmatch(n)), reverse=True)
-    except FileNotFoundError:
-        return None
-    for dirname in names:
-        try:
-            manifest = run_dir.read_json(f"{dirname}/{MANIFEST}")
-            files = manifest.get("files", {})
-            if any(run_dir.size(f"{dirname}/{f}") != entry.get("size") for f, entry in files.items()):
-                continue
-            return dirname, run_dir.read_json(f"{dirname}/{STATE_FILE}")
-        except (FileNotFoundError, DCDiTError, AttributeError):
-            continue
-    return None
-
-
-def read_run_record(storage, name: str) -> dict | None:
-    """The record `dcdit train` wrote for run `name` (config, hash, MLflow run id), or None."""
-    run_dir = storage.child(name)
-    try:
-        return run_dir.read_json(RUN_RECORD)
-    except FileNotFoundError:
-        return None
-
-
 def run_training(plan: RunPlan, *, address: str | None = None, echo: Callable[[str], None] | None = None,
                  callbacks: Sequence[Any] = ()) -> dict:
     """Train (or resume) the planned run on Ray and return its summary; DCDiTError on user-fixable failures.
@@ -830,7 +798,7 @@ def run_training(plan: RunPlan, *, address: str | None = None, echo: Callable[[s
 
 def _write_run_record(plan: RunPlan, run_id: str, safe_config: dict) -> None:
     """What `dcdit resume NAME` and later resumptions need: the (redacted) config, its science and hash."""
-    plan.storage.child(plan.name).write_json(RUN_RECORD, {
+    write_run_record(plan.storage, plan.name, {
         "name": plan.name, "config": safe_config, "science": plan.config.science_dict(),
         "config_hash": plan.config.config_hash(), "config_path": plan.config_path, "mlflow_run_id": run_id,
         "tracking_uri": plan.display_tracking_uri, "created_unix": time.time()})
@@ -994,4 +962,4 @@ def summary_line(summary: dict) -> str:
 
 __all__ = ["RunPlan", "plan_run", "run_training", "run_local", "train_worker", "run_worker", "train_step",
            "micro_seed", "ema_update", "BlockDistiller", "Runtime", "select_runtime", "latest_checkpoint_state",
-           "read_run_record", "RUN_RECORD", "PROGRESS_METRIC", "checkpoint_name"]
+           "read_run_record", "PROGRESS_METRIC", "checkpoint_name"]

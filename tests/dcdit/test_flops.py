@@ -6,8 +6,8 @@ import torch
 from dcdit.baselines import flop_matched_dit, param_matched_dit
 from dcdit.config import ModelConfig, preset
 from dcdit.flops import (calibrate_router, count_params, dcdit_macs, dit_macs, dit_params, flop_counter,
-                         measure_macs, model_macs, sampling_tflops)
-from dcdit.models import build_model
+                         measure_macs, sampling_tflops)
+from dcdit.models import build_model, forward_macs
 
 # Peebles & Xie, Table 4: forward "Gflops" (multiply-accumulates) at 256px, latent 32x32.
 DIT_PAPER_GFLOPS = {
@@ -88,7 +88,7 @@ def test_dcdit_s_measured_matches_analytic_on_a_real_batch():
     kept = calibrate_router(model, x, t, y, 0.25)
     measured = measure_macs(model, x, t, y) / 1e9
     assert measured == pytest.approx(dcdit_macs(config, kept_tokens=kept).gmacs, rel=0.01)
-    assert measured == pytest.approx(model_macs(config).gmacs, rel=0.05)
+    assert measured == pytest.approx(forward_macs(config).gmacs, rel=0.05)
 
 
 def test_dcdit_packed_attention_is_counted_as_sum_of_squared_lengths():
@@ -109,7 +109,7 @@ def test_dcdit_packed_attention_is_counted_as_sum_of_squared_lengths():
 
 def test_dcdit_analytic_default_is_one_over_n_and_scaffold_is_counted():
     config = preset("DC-DiT-B")
-    macs = model_macs(config)
+    macs = forward_macs(config)
     assert macs.kept_tokens == 256
     backbone = sum(macs.terms[k] for k in ("qkv", "attention", "proj", "mlp", "adaln"))
     assert backbone / 1e9 == pytest.approx(dit_macs(preset("DiT-B/2")).gmacs - 0.02, abs=0.02)
@@ -148,7 +148,7 @@ def test_param_matched_baselines_reproduce_v1_parameter_counts():
                                           ("DC-DiT-XL", 16, 4)])
 def test_flop_matched_baseline_is_the_closest_depth(name, n, patch):
     config = preset(name, downsample_factor=float(n))
-    target = model_macs(config).total
+    target = forward_macs(config).total
     matched = flop_matched_dit(config, patch)
     assert matched.patch_size == patch and matched.hidden_size == config.hidden_size
     error = abs(dit_macs(matched).total - target)

@@ -89,7 +89,7 @@ def reference_run(tmp_path_factory):
     Its 2 workers x 1 micro-batch become 1 worker x 2, which trains the same thing, so Ray runs of the same config
     must end with these weights. Returns (summary, storage root, {step: (model, ema) state dicts})."""
     from dcdit_platform.config import build_config
-    from dcdit_platform.train import plan_run, run_local
+    from dcdit_platform.training import plan_run, run_local
     from train_helpers import load_weights, tiny_config
 
     store = tmp_path_factory.mktemp("reference")

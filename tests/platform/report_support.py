@@ -208,7 +208,7 @@ class Logged:
 
 def log_evaluation(tracker, run_id: str, slug: str, protocol: dict, metrics: dict, step: int) -> None:
     """An evaluation as `dcdit eval` logs it: protocol params and metrics under eval/<slug>/."""
-    from dcdit_platform.evaluate import PROTOCOL_PARAMS
+    from dcdit_platform.evaluation import PROTOCOL_PARAMS
 
     tracker.log_params(run_id, {f"eval/{slug}/{k}": v for k, v in protocol.items() if k in PROTOCOL_PARAMS})
     tracker.log_metrics(run_id, {f"eval/{slug}/{k}": v for k, v in metrics.items()}, step)

@@ -19,10 +19,10 @@ from mlflow import MlflowClient
 
 from dcdit_platform.cli import main
 from dcdit_platform.config import build_config
-from dcdit_platform.evaluate import protocol_slug
+from dcdit_platform.evaluation import protocol_slug
 from dcdit_platform.report import build_report, pareto_front, protocol_id
 from dcdit_platform.tracking import Tracker
-from dcdit_platform.train import plan_run, run_local
+from dcdit_platform.training import plan_run, run_local
 from report_support import (PROTOCOL_A, PROTOCOL_B, Chromium, chromium_binary, evaluation_metrics, log_evaluation,
                             log_training)
 from train_helpers import tiny_config

@@ -9,8 +9,8 @@ import threading
 import pytest
 
 from dcdit.errors import DCDiTError
-from dcdit_platform.tracking import (REDACTED, Tracker, TrackingUnavailable, default_tracking_uri, flat_params,
-                                     is_secret_name, redact, redact_config, split_credentials)
+from dcdit_platform.secrets import REDACTED, is_secret_name, redact, redact_config, split_credentials
+from dcdit_platform.tracking import Tracker, TrackingUnavailable, default_tracking_uri, flat_params
 
 
 def test_redaction_of_uris_names_and_known_values(monkeypatch):

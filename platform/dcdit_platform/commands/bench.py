@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from dcdit_platform.cli import print_json
+from dcdit_platform.console import print_json
 
 PRECISIONS = ("fp32", "bf16")
 REFERENCE_SUFFIX = " (diffusers)"

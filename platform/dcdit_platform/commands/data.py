@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dcdit_platform.cli import print_json
+from dcdit_platform.console import print_json
 
 
 def register(subparsers) -> None:

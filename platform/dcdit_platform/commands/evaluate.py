@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dcdit.errors import DCDiTError
-from dcdit_platform.cli import print_json
+from dcdit_platform.console import print_json
 
 
 def register(subparsers) -> None:
@@ -76,7 +76,7 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from dcdit_platform.evaluate import EvalConfig, evaluate
+    from dcdit_platform.evaluation import EvalConfig, evaluate
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     cfg = EvalConfig(

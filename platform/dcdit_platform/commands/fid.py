@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dcdit_platform.cli import print_json
+from dcdit_platform.console import print_json
 
 
 def register(subparsers) -> None:
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
 
 
 def fid_command(args: argparse.Namespace) -> int:
-    from dcdit_platform.evaluate import fid_between
+    from dcdit_platform.evaluation import fid_between
 
     out = fid_between(args.input1, args.input2, extractor=args.extractor, weights=args.weights,
                       batch_size=args.batch_size, save_stats=args.save_stats)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dcdit_platform.cli import print_json
+from dcdit_platform.console import print_json
 
 
 def register(subparsers) -> None:
@@ -30,7 +30,8 @@ def register(subparsers) -> None:
 def flops_summary(args: argparse.Namespace) -> dict:
     from dcdit.config import preset
     from dcdit.errors import DCDiTError
-    from dcdit.flops import count_params, model_macs, sampling_tflops
+    from dcdit.flops import count_params, sampling_tflops
+    from dcdit.models import forward_macs
 
     if args.image_size < 1 or (not args.pixel and args.image_size % 8):
         raise DCDiTError(f"--image-size {args.image_size} must be a positive multiple of 8 (the VAE factor); "
@@ -40,7 +41,7 @@ def flops_summary(args: argparse.Namespace) -> dict:
     config = preset(args.model, **overrides)
     if args.kept_fraction is not None and config.arch != "dcdit":
         raise DCDiTError(f"--kept-fraction applies to DC-DiT models; {args.model} runs on every patch")
-    macs = model_macs(config, args.kept_fraction)
+    macs = forward_macs(config, args.kept_fraction)
     summary = {
         "model": args.model, "arch": config.arch, "image_size": args.image_size, "input_size": config.input_size,
         "params": count_params(config), "gmacs": round(macs.gmacs, 4),

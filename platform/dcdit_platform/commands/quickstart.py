@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dcdit_platform.cli import print_json
+from dcdit_platform.console import print_json
 
 
 def register(subparsers) -> None:

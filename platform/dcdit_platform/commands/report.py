@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dcdit_platform.cli import print_json
+from dcdit_platform.console import print_json
 
 
 def register(subparsers) -> None:
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 def report_command(args: argparse.Namespace) -> int:
     from dcdit.errors import DCDiTError
-    from dcdit_platform.report import build_report
+    from dcdit_platform.reports import build_report
 
     if args.probe_images < 2:
         raise DCDiTError(f"--probe-images must be >= 2, got {args.probe_images}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dcdit_platform.cli import print_json
+from dcdit_platform.console import print_json
 
 
 def register(subparsers) -> None:
@@ -37,7 +37,7 @@ def register(subparsers) -> None:
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    from dcdit_platform.sweep import FAILED, load_sweep, run_sweep
+    from dcdit_platform.sweeps import FAILED, load_sweep, run_sweep
 
     plan = load_sweep(args.sweep, name=args.name, overrides=args.override, storage=args.storage,
                       tracking_uri=args.tracking_uri)

@@ -7,7 +7,7 @@ import copy
 import sys
 
 from dcdit.errors import DCDiTError
-from dcdit_platform.cli import print_json
+from dcdit_platform.console import print_json
 
 
 def register(subparsers) -> None:
@@ -57,7 +57,7 @@ def train_command(args: argparse.Namespace) -> int:
 def resume_command(args: argparse.Namespace) -> int:
     from dcdit_platform.config import apply_overrides, build_config, check_run_name
     from dcdit_platform.storage import open_storage
-    from dcdit_platform.train import read_run_record
+    from dcdit_platform.runs import read_run_record
 
     name = check_run_name(args.name)
     storage_uri = args.storage or "./dcdit-runs"
@@ -93,7 +93,7 @@ def _restore_secrets(tree):
 
 
 def _run(config, *, name, config_path, args: argparse.Namespace) -> int:
-    from dcdit_platform.train import plan_run, run_training
+    from dcdit_platform.training import plan_run, run_training
 
     plan = plan_run(config, name=name, config_path=config_path)
     for warning in plan.warnings:

@@ -1,0 +1,218 @@
+"""The sections of an experiment config: typed, frozen, each with its own range checks (`validate`).
+
+`ExperimentConfig` (dcdit_platform.config.experiment) holds one of each plus the model and the cross-section rules.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dcdit.errors import DCDiTError
+from dcdit.objective import ChunkingLossConfig
+from dcdit_platform.secrets import redact
+
+Precision = Literal["fp32", "bf16"]
+SYNTHETIC = "synthetic"
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionSection:
+    """The Gaussian diffusion trained against (the paper: linear betas, 1000 steps, learned sigma from the model)."""
+
+    num_timesteps: int = 1000
+    noise_schedule: Literal["linear"] = "linear"
+
+    def validate(self) -> None:
+        _require(self.num_timesteps >= 2, "diffusion.num_timesteps", self.num_timesteps, "must be >= 2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSection:
+    """Where training samples come from: the embedded synthetic dataset or prepared Parquet shards (local or s3://)."""
+
+    source: str = SYNTHETIC  # "synthetic" or the URI of a dataset written by `dcdit prepare-data`
+    image_size: int = 32  # synthetic only
+    num_classes: int = 10  # synthetic only
+    num_samples: int = 10_000  # synthetic only
+    seed: int | None = None  # sample order (and synthetic content); None = the experiment's seed
+    shuffle: bool = True
+    shuffle_window: int | None = None  # shards visited k at a time (datasets larger than memory); None = global
+    prefetch: int = 4  # batches prepared ahead by the reader's thread
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.source == SYNTHETIC
+
+    def sets_synthetic_options(self) -> bool:
+        defaults = DataSection()
+        return any(getattr(self, k) != getattr(defaults, k) for k in ("image_size", "num_classes", "num_samples"))
+
+    def validate(self) -> None:
+        _require(bool(self.source), "data.source", self.source, "must be 'synthetic' or a dataset URI")
+        if self.is_synthetic:
+            _require(8 <= self.image_size <= 1024, "data.image_size", self.image_size, "must be in [8, 1024]")
+            _require(1 <= self.num_classes <= 12, "data.num_classes", self.num_classes,
+                     "must be in [1, 12] (the synthetic dataset has 12 classes)")
+            _require(self.num_samples >= 1, "data.num_samples", self.num_samples, "must be >= 1")
+        _require(self.seed is None or self.seed >= 0, "data.seed", self.seed, "must be >= 0")
+        _require(self.shuffle_window is None or self.shuffle_window >= 1, "data.shuffle_window",
+                 self.shuffle_window, "must be >= 1 shard or null")
+        _require(self.prefetch >= 1, "data.prefetch", self.prefetch, "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSection:
+    """Optimisation (AdamW, EMA, clipping, accumulation, precision), the router's losses and upcycling."""
+
+    steps: int  # optimizer steps of the whole run (raising it and resuming continues a run)
+    global_batch: int = 256  # samples per optimizer step over all workers and accumulation micro-steps
+    grad_accum: int = 1  # micro-steps per optimizer step on each worker
+    lr: float = 1e-4
+    warmup_steps: int = 0  # linear warm-up from 0 to lr; the paper uses a constant lr
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (the norm is still logged)
+    precision: Precision = "fp32"  # bf16: autocast; the router and de-chunk stay in fp32 inside the model
+    chunking: ChunkingLossConfig = field(default_factory=ChunkingLossConfig)
+    # Upcycling (arXiv 2603.06351 v1): a DC-DiT initialised from a pretrained DiT.
+    init_from: str | None = None  # DiT checkpoint file, diffusers directory or hub name
+    freeze_embedders: bool = True  # keep the DiT's timestep and class embedders fixed
+    cond_adaptor: bool = True  # trainable LayerNorm on the conditioning fed to the encoder/decoder
+    distill_steps: int = 0  # warm-up steps with the block-output distillation term (the paper: 5000)
+    distill_weight: float = 1.0  # weight of that term during the warm-up
+
+    def validate(self) -> None:
+        _require(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
+        _require(self.global_batch >= 1, "train.global_batch", self.global_batch, "must be >= 1")
+        _require(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
+        _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", list(self.betas),
+                 "must be two numbers in [0, 1)")
+        _require(self.eps > 0, "train.eps", self.eps, "must be > 0")
+        _require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "must be in [0, 1)")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        _require(self.distill_steps >= 0, "train.distill_steps", self.distill_steps, "must be >= 0")
+        _require(self.distill_weight >= 0, "train.distill_weight", self.distill_weight, "must be >= 0")
+        _require(self.distill_steps == 0 or self.init_from, "train.distill_steps", self.distill_steps,
+                 "needs train.init_from (the pretrained DiT is the teacher)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointSection:
+    """Checkpoints every `every` steps (and at the end), the last `keep` kept; worker failures retried."""
+
+    every: int = 1000
+    keep: int = 3
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails; -1 = no limit
+
+    def validate(self) -> None:
+        _require(self.every >= 1, "checkpoint.every", self.every, "must be >= 1")
+        _require(self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
+        _require(self.max_failures >= -1, "checkpoint.max_failures", self.max_failures, "must be >= -1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingSection:
+    """Step metrics every `every` steps; boundary maps and a sample grid every `artifacts_every` steps."""
+
+    every: int = 100
+    artifacts_every: int = 0  # 0 = only at the end of the run, -1 = never
+    sample_count: int = 8  # images in the sample grid (classes 0, 1, ...)
+    sample_steps: int = 25  # DDIM steps used to draw them (with the EMA weights)
+
+    def validate(self) -> None:
+        _require(self.every >= 1, "logging.every", self.every, "must be >= 1")
+        _require(self.artifacts_every >= -1, "logging.artifacts_every", self.artifacts_every,
+                 "must be >= -1 (0 = only at the end, -1 = never)")
+        _require(self.sample_count >= 1, "logging.sample_count", self.sample_count, "must be >= 1")
+        _require(self.sample_steps >= 1, "logging.sample_steps", self.sample_steps, "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResourcesSection:
+    """Ray Train workers (one DDP rank each) and what each one reserves."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with use_gpu
+    torch_threads: int | None = None  # CPU intra-op threads per worker; None = cpus_per_worker (at least 1)
+
+    def validate(self) -> None:
+        _require(self.num_workers >= 1, "resources.num_workers", self.num_workers, "must be >= 1")
+        _require(self.cpus_per_worker > 0, "resources.cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        _require(self.gpus_per_worker > 0, "resources.gpus_per_worker", self.gpus_per_worker, "must be > 0")
+        _require(self.torch_threads is None or self.torch_threads >= 1, "resources.torch_threads",
+                 self.torch_threads, "must be >= 1 or null")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageSection:
+    """The storage root of runs (checkpoints, Ray Train state): a local path or s3://bucket/prefix.
+
+    S3 settings left unset come from the standard AWS environment variables (preferred for keys).
+    """
+
+    uri: str = "./dcdit-runs"
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    region: str | None = None
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    def options(self) -> dict[str, Any]:
+        """The StorageOptions of `dcdit_platform.storage` that this section sets."""
+        keys = ("endpoint_url", "access_key_id", "secret_access_key", "session_token", "region")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    def validate(self) -> None:
+        _require(bool(self.uri), "storage.uri", self.uri, "must be a local path or s3://bucket/prefix")
+        if "://" in self.uri and not self.uri.startswith(("s3://", "file://")):
+            raise DCDiTError(f"storage.uri={self.uri!r} has an unsupported scheme; use a local path, file:// or "
+                             "s3://bucket/prefix")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingSection:
+    """MLflow: the tracking URI (default: sqlite in the local storage root), experiment, parent run, retries."""
+
+    uri: str | None = None  # http(s)://server, sqlite:////abs/mlflow.db, ...; required with s3:// storage
+    experiment: str = "dcdit"
+    parent_run_id: str | None = None  # sweeps: the parent run this run is a child of
+    retry_timeout_s: float = 300.0  # how long an unreachable server is retried before the run stops
+    tags: dict[str, Any] = field(default_factory=dict)  # extra run tags
+
+    def validate(self) -> None:
+        if self.uri is not None:
+            scheme = self.uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in self.uri else ""
+            if scheme == "file" or "://" not in self.uri:
+                raise DCDiTError(f"tracking.uri={_safe(self.uri)!r}: MLflow's file store is disabled since MLflow "
+                                 "3.13; use sqlite:////absolute/path/mlflow.db or an http(s):// tracking server")
+            _require(scheme in TRACKING_SCHEMES, "tracking.uri", _safe(self.uri),
+                     f"has an unsupported scheme; use one of {', '.join(TRACKING_SCHEMES)}")
+        _require(bool(self.experiment), "tracking.experiment", self.experiment, "must be a non-empty name")
+        _require(self.retry_timeout_s >= 0, "tracking.retry_timeout_s", self.retry_timeout_s, "must be >= 0")
+        for key, value in self.tags.items():
+            _require(isinstance(value, (str, int, float, bool)), f"tracking.tags.{key}", value,
+                     "must be a string, number or boolean")
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise DCDiTError(f"{key}={value!r} {rule}")
+
+
+def _safe(uri: str) -> str:
+    return redact(uri)

@@ -1,0 +1,76 @@
+"""What the platform says to the person at the terminal, in one place, on the standard `logging` module.
+
+Progress and warnings go to stderr as `dcdit COMMAND: message` lines through the "dcdit" logger (so library users
+and tests can raise, lower or capture them like any other logger); stdout is reserved for the one-line JSON summary
+that `--json` asks for. User errors are one line and exit code 2 (`cli.main`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+ROOT = "dcdit"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of the call (pytest's capture and redirect_stdout-style
+    swaps replace it after this handler was made)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # logging.StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
+def _root() -> logging.Logger:
+    logger = logging.getLogger(ROOT)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # Ray and MLflow configure the root logger; our lines appear once
+    return logger
+
+
+def logger(command: str) -> logging.Logger:
+    """The logger of one command or component ("train", "eval", "sweep", ...)."""
+    _root()
+    return logging.getLogger(f"{ROOT}.{command}")
+
+
+def echo(command: str) -> Callable[[str], None]:
+    """A function printing `dcdit COMMAND: text` to stderr: what long-running functions take as `echo=`."""
+    log = logger(command)
+    return lambda text: log.info("dcdit %s: %s", command, text)
+
+
+def warn(command: str, text: str) -> None:
+    logger(command).warning("dcdit %s: warning: %s", command, text)
+
+
+def error(command: str, text: str) -> None:
+    """The one line a user error ends with."""
+    logger(command).error("dcdit %s: error: %s", command, text)
+
+
+def set_verbosity(*, quiet: bool = False) -> None:
+    """`--quiet`: only warnings and errors on stderr."""
+    _root().setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def print_json(obj) -> None:
+    """The machine-readable summary: one JSON object on the last line of stdout."""
+    print(json.dumps(obj, sort_keys=True, default=str), flush=True)
+
+
+__all__ = ["logger", "echo", "warn", "error", "set_verbosity", "print_json"]
