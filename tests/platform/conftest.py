@@ -90,7 +90,7 @@ def reference_run(tmp_path_factory):
     must end with these weights. Returns (summary, storage root, {step: (model, ema) state dicts})."""
     from dcdit_platform.config import build_config
     from dcdit_platform.training import plan_run, run_local
-    from train_helpers import load_weights, tiny_config
+    from helpers.training import load_weights, tiny_config
 
     store = tmp_path_factory.mktemp("reference")
     summary = run_local(plan_run(build_config(tiny_config(storage={"uri": str(store)})), name="straight"))

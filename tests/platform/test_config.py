@@ -15,7 +15,7 @@ import pytest
 from dcdit.errors import DCDiTError
 from dcdit_platform.config import (RESUME_FREE_KEYS, apply_overrides, build_config, default_run_name,
                                    load_experiment, load_yaml_tree, science_diff)
-from train_helpers import tiny_config
+from helpers.training import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -23,7 +23,7 @@ from dcdit_platform.evaluate import (EvalConfig, ExtractorSpec, dataset_source, 
                                      sample_labels)
 from dcdit_platform.storage import open_storage
 from dcdit_platform.tracking import Tracker, default_tracking_uri
-from eval_support import random_inception_weights, tiny_checkpoint, write_png_folder
+from helpers.evaluation import random_inception_weights, tiny_checkpoint, write_png_folder
 
 # One protocol for every Inception run here: 8 samples in 4 shards of 2, batches of 2.
 PROTOCOL = dict(num_samples=8, sampler="ddim", sample_steps=2, batch_size=2, shard_size=2, reference_samples=10,

@@ -14,7 +14,7 @@ from PIL import Image
 from dcdit.data.synthetic import render
 from dcdit.features import DOMAIN_EXTRACTOR, INCEPTION_WEIGHTS_FILE, build_extractor, train_domain_classifier
 from dcdit_platform.cli import main
-from eval_support import random_inception_weights, write_png_folder
+from helpers.evaluation import random_inception_weights, write_png_folder
 
 try:
     from threadpoolctl import threadpool_limits

@@ -14,8 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from dcdit_platform.cli import main
-from report_support import Chromium, chromium_binary
-
+from helpers.browser import Chromium, chromium_binary
 pytestmark = pytest.mark.slow
 
 # The packaged sweep (N in {2, 4} x lambda in {0.03, 0.3} and two DiT baselines) at a reduced size: one lambda.
@@ -37,7 +36,7 @@ def quickstart(tmp_path_factory):
     reference set, on a machine that has Inception weights in its torch hub cache (seeded random ones: the real
     file cannot be downloaded here), so every run gets FD (domain classifier) and FID."""
     from dcdit.features import INCEPTION_WEIGHTS_FILE
-    from eval_support import random_inception_weights
+    from helpers.evaluation import random_inception_weights
 
     root = tmp_path_factory.mktemp("quickstart")
     hub = root / "torch" / "hub" / "checkpoints"

@@ -23,9 +23,9 @@ from dcdit_platform.evaluation import protocol_slug
 from dcdit_platform.report import build_report, pareto_front, protocol_id
 from dcdit_platform.tracking import Tracker
 from dcdit_platform.training import plan_run, run_local
-from report_support import (PROTOCOL_A, PROTOCOL_B, Chromium, chromium_binary, evaluation_metrics, log_evaluation,
-                            log_training)
-from train_helpers import tiny_config
+from helpers.browser import Chromium, chromium_binary
+from helpers.reports import PROTOCOL_A, PROTOCOL_B, evaluation_metrics, log_evaluation, log_training
+from helpers.training import tiny_config
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from dcdit_platform.config import build_config
 from dcdit_platform.raycluster import free_port
-from train_helpers import tiny_config
+from helpers.training import tiny_config
 
 SPLITS = ((1, "accum1"), (2, "accum2"))  # per-worker grad_accum of the 2-worker runs
 

@@ -16,7 +16,7 @@ from dcdit.errors import DCDiTError
 from dcdit_platform.config import build_config
 from dcdit_platform.tracking import Tracker
 from dcdit_platform.training import plan_run, run_local
-from train_helpers import load_weights, max_abs_diff, steps_logged, tiny_config
+from helpers.training import load_weights, max_abs_diff, steps_logged, tiny_config
 
 
 @pytest.fixture(scope="module")

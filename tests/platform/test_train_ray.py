@@ -23,7 +23,7 @@ import yaml
 from dcdit_platform.cli import main as cli_main
 from dcdit_platform.storage import open_storage
 from dcdit_platform.tracking import Tracker
-from train_helpers import load_weights, max_abs_diff, steps_logged, tiny_config
+from helpers.training import load_weights, max_abs_diff, steps_logged, tiny_config
 
 pytestmark = pytest.mark.slow
 
