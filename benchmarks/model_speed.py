@@ -11,7 +11,8 @@ import argparse
 import json
 import sys
 
-from dcdit_platform.commands.bench import format_table, run_benchmark
+from dcdit_platform.perf.speed import BenchSettings, format_table, run_benchmark
+
 
 def _goals(clock: str):
     """(description, value from (results by (model, precision), machine rates), target) for each goal."""
@@ -42,11 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                              "on a shared machine (exact with --threads 1)")
     parser.add_argument("--json", action="store_true")
     cli = parser.parse_args(argv)
-    args = argparse.Namespace(models=["DiT-S/2", "DC-DiT-S"], image_size=cli.image_size, pixel=False,
-                              batch=cli.batch, precision=["fp32", "bf16"], repeats=cli.repeats, warmup=cli.warmup,
-                              kept_fraction=None, reference=True, attention_backend="auto", threads=cli.threads,
-                              seed=0)
-    summary = run_benchmark(args)
+    settings = BenchSettings(models=("DiT-S/2", "DC-DiT-S"), image_size=cli.image_size, batch=cli.batch,
+                             precision=("fp32", "bf16"), repeats=cli.repeats, warmup=cli.warmup, reference=True,
+                             threads=cli.threads)
+    summary = run_benchmark(settings)
     rows = {(r["model"], r["precision"]): r for r in summary["results"]}
     machine = summary["machine_matmul_gflops" if cli.clock == "wall" else "machine_matmul_gflops_per_cpu_s"]
     goals = [{"goal": text, "value": round(value(rows, machine), 3), "target": target, "clock": cli.clock,
