@@ -17,7 +17,7 @@ from typing import Literal
 from dcdit.config import ModelConfig
 from dcdit.errors import DCDiTError
 from dcdit.flops import count_params, dit_macs, dit_params
-from dcdit.models.family import forward_macs
+from dcdit.models.family import family_of, forward_macs
 
 MatchRule = Literal["deepen", "widen"]
 
@@ -70,7 +70,7 @@ def _match(dcdit_config: ModelConfig, patch_size: int | None, rule: MatchRule, t
 
 
 def _require_dcdit(config: ModelConfig) -> None:
-    if config.arch != "dcdit":
+    if not family_of(config).routed:
         raise DCDiTError(f"baselines are derived from a DC-DiT config, got arch={config.arch!r}")
 
 

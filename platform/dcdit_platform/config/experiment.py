@@ -17,6 +17,7 @@ from typing import Any
 from dcdit.checkpoint import config_hash
 from dcdit.config import ModelConfig, from_dict, preset
 from dcdit.errors import DCDiTError, did_you_mean
+from dcdit.models import family_of
 from dcdit_platform.config.sections import (RUN_NAME, CheckpointSection, DataSection, DiffusionSection,
                                             LoggingSection, ResourcesSection, StorageSection, TrackingSection,
                                             TrainSection, _require)
@@ -100,7 +101,7 @@ class ExperimentConfig:
             if d.num_samples < t.global_batch:
                 raise DCDiTError(f"data.num_samples={d.num_samples} is smaller than one step "
                                  f"(train.global_batch={t.global_batch})")
-        if self.is_upcycling and m.arch != "dcdit":
+        if self.is_upcycling and not family_of(m).routed:
             raise DCDiTError(f"train.init_from upcycles a DiT into a DC-DiT, but model.arch={m.arch!r}; "
                              "choose a DC-DiT model (e.g. model.preset: DC-DiT-XL)")
         if self.storage.is_s3 and self.tracking.uri is None:
@@ -115,7 +116,7 @@ class ExperimentConfig:
         if not self.is_upcycling:
             if t.distill_weight != 1.0:
                 out.append("train.distill_weight has no effect without train.init_from")
-        if self.model.arch == "dit" and (t.chunking.multi_budget or t.chunking.curriculum_start is not None):
+        if not family_of(self.model).routed and (t.chunking.multi_budget or t.chunking.curriculum_start is not None):
             out.append("train.chunking applies to DC-DiT only; this DiT baseline ignores it")
         if not self.data.is_synthetic and self.data.sets_synthetic_options():
             out.append("data.image_size/num_classes/num_samples apply to the synthetic source only")
@@ -160,7 +161,7 @@ def build_config(data: dict[str, Any]) -> ExperimentConfig:
     if name is not None and not isinstance(name, str):
         raise DCDiTError(f"name={name!r} must be a string")
     train = sections["train"]
-    if train.init_from is not None and model.arch == "dcdit" and model.cond_adaptor != train.cond_adaptor:
+    if train.init_from is not None and family_of(model).routed and model.cond_adaptor != train.cond_adaptor:
         # Upcycling decides the adaptor; recording it in the model keeps one source of truth for the hash.
         model = model.replace(cond_adaptor=train.cond_adaptor)
     config = ExperimentConfig(model=model, seed=seed, name=name, model_preset=model_preset, **sections)
