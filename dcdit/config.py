@@ -52,6 +52,14 @@ class ModelConfig:
     def scaffold_channels(self) -> int:
         return self.scaffold_width or self.hidden_size // 4
 
+    def scaffold_block_widths(self, *, encoder: bool) -> list[tuple[int, int]]:
+        """(in, out) channels of the DC-DiT scaffold blocks: the encoder's last block widens to the backbone width d,
+        the decoder's first narrows back (see ResBlock in dcdit.models.dcdit for where the width changes)."""
+        width, blocks = self.scaffold_channels, self.encoder_blocks if encoder else self.decoder_blocks
+        widths = [(width, width)] * blocks
+        widths[-1 if encoder else 0] = (width, self.hidden_size) if encoder else (self.hidden_size, width)
+        return widths
+
     @property
     def num_tokens(self) -> int:
         """Tokens entering the backbone for DiT; grid positions routed over for DC-DiT."""

@@ -96,8 +96,6 @@ def dcdit_macs(config: ModelConfig, kept_fraction: float | None = None, *,
     L grid positions; the backbone runs on the kept tokens only. Plug-back is a gather (0 MACs) and its nearest-token
     search is elementwise, so neither is counted.
     """
-    from dcdit.models.dcdit import scaffold_widths
-
     if config.arch != "dcdit":
         raise DCDiTError(f"dcdit_macs needs a DC-DiT config, got arch={config.arch!r}; use dcdit.models.forward_macs")
     d, w, positions = config.hidden_size, config.scaffold_channels, config.num_tokens
@@ -115,8 +113,8 @@ def dcdit_macs(config: ModelConfig, kept_fraction: float | None = None, *,
     mean_kept = sum(counts) / len(counts)
     mean_sq = sum(n * n for n in counts) / len(counts)
 
-    encoder = sum(_resblock_macs(i, o, d, positions) for i, o in scaffold_widths(w, d, config.encoder_blocks, True))
-    decoder = sum(_resblock_macs(i, o, d, positions) for i, o in scaffold_widths(w, d, config.decoder_blocks, False))
+    encoder = sum(_resblock_macs(i, o, d, positions) for i, o in config.scaffold_block_widths(encoder=True))
+    decoder = sum(_resblock_macs(i, o, d, positions) for i, o in config.scaffold_block_widths(encoder=False))
     if config.router == "predictability":
         inner = d // 4
         router = (d * inner + 9 * inner * inner + 9 * inner * inner + inner) * positions

@@ -47,16 +47,6 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-def scaffold_widths(width: int, hidden: int, blocks: int, encoder: bool) -> list[tuple[int, int]]:
-    """(in, out) channels of the scaffold blocks: the encoder's last block widens to d, the decoder's first narrows."""
-    widths = [(width, width)] * blocks
-    if encoder:
-        widths[-1] = (width, hidden)
-    else:
-        widths[0] = (hidden, width)
-    return widths
-
-
 class DCDiT(ConditionedBackbone):
     """Dynamic Chunking DiT: the DiT backbone runs only on the tokens a learned router keeps."""
 
@@ -68,13 +58,13 @@ class DCDiT(ConditionedBackbone):
         d, w, side = config.hidden_size, config.scaffold_channels, config.input_size
         self.cond_adaptor = nn.LayerNorm(d) if config.cond_adaptor else nn.Identity()
         self.x_embedder = nn.Conv2d(config.in_channels, w, kernel_size=3, padding=1)
-        self.encoder = nn.ModuleList(ResBlock(i, o, d) for i, o in scaffold_widths(w, d, config.encoder_blocks, True))
+        self.encoder = nn.ModuleList(ResBlock(i, o, d) for i, o in config.scaffold_block_widths(encoder=True))
         self.encoder_norm = nn.RMSNorm(d, eps=1e-6)
         self.residual_proj = nn.Linear(d, d)
         self.router = (PredictabilityRouter(d, config.downsample_factor) if config.router == "predictability"
                        else CosineRouter(d))
         self.register_buffer("pos_table", grid_sincos(d, side, side), persistent=False)
-        self.decoder = nn.ModuleList(ResBlock(i, o, d) for i, o in scaffold_widths(w, d, config.decoder_blocks, False))
+        self.decoder = nn.ModuleList(ResBlock(i, o, d) for i, o in config.scaffold_block_widths(encoder=False))
         self.decoder_norm = nn.RMSNorm(w, eps=1e-6)
         self.final_layer = FinalLayer(w, 1, config.out_channels, cond_size=d)
         self.initialize_weights()
