@@ -17,12 +17,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import ray
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from dcdit.data import shards as shard_format
+from dcdit.data.reader import to_model_input
 from dcdit.data.synthetic import SyntheticDataset
+from dcdit.data.vae import LATENT_SCALE, center_crop_arr, check_vae, encode, load_vae, sample_seed
 from dcdit.errors import DCDiTError
-from dcdit_platform.storage import Storage, StorageOptions, open_storage
 from dcdit_platform.raycluster import ray_session
+from dcdit_platform.storage import Storage, StorageOptions, open_storage
 
 PROGRESS_DIR = "_progress"  # per-shard done markers while a preparation is unfinished
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -80,18 +86,12 @@ class _Plan:
             source["path"] = config.source
             source["crop"] = "adm_center_crop"
         if config.vae:
-            source.update(vae=config.vae, latent_scale=_latent_scale(), noise="N(0,1) per sample, seeded by "
+            source.update(vae=config.vae, latent_scale=LATENT_SCALE, noise="N(0,1) per sample, seeded by "
                           "SeedSequence([seed, index])")
         files_hash = hashlib.sha256("\n".join(f"{f}\t{y}" for f, y in zip(self.files, self.labels)).encode())
         body = {**source, "format_version": shard_format.FORMAT_VERSION, "files": files_hash.hexdigest()}
         source["fingerprint"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
         return source
-
-
-def _latent_scale() -> float:
-    from dcdit.data.vae import LATENT_SCALE
-
-    return LATENT_SCALE
 
 
 def _plan(config: PrepareConfig) -> _Plan:
@@ -129,10 +129,6 @@ def _load_pixels(config: PrepareConfig, plan: _Plan, start: int, stop: int):
         batch = SyntheticDataset(plan.num_samples, image_size=config.image_size, num_classes=config.num_classes,
                                  seed=config.seed).render(indices)
         return indices, batch.labels, batch.images, batch.masks
-    from PIL import Image, UnidentifiedImageError
-
-    from dcdit.data.vae import center_crop_arr
-
     src = open_storage(config.source, config.storage_options)
     pixels = np.empty((len(indices), config.image_size, config.image_size, 3), dtype=np.uint8)
     for row, i in enumerate(indices):
@@ -200,10 +196,6 @@ class _EncodeAndWrite:
     """Ray Data actor for latent datasets: holds one VAE for the whole run; encodes and writes shards."""
 
     def __init__(self, config: PrepareConfig, source: dict, use_gpu: bool):
-        import torch
-
-        from dcdit.data.vae import load_vae
-
         self.config, self.source = config, source
         self.dest = open_storage(config.dest, config.storage_options)
         self.vae = load_vae(config.vae, device="cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -213,11 +205,6 @@ class _EncodeAndWrite:
 
     def _encode(self, indices: np.ndarray, pixels: np.ndarray) -> np.ndarray:
         """Latents float16, each sample's noise seeded by (seed, index): equal on re-runs and any actor."""
-        import torch
-
-        from dcdit.data.reader import to_model_input
-        from dcdit.data.vae import encode, sample_seed
-
         out = []
         for lo in range(0, len(indices), self.config.encode_batch_size):
             hi = lo + self.config.encode_batch_size
@@ -262,8 +249,6 @@ def prepare_dataset(config: PrepareConfig, *, progress: bool = True) -> dict:
     """Run (or finish) a preparation; returns a summary. Starts a local Ray instance if none is running."""
     config.validate()
     if config.vae:
-        from dcdit.data.vae import check_vae
-
         check_vae(config.vae)  # a missing model fails here, in one line, before any work starts
     plan = _plan(config)
     source = plan.describe(config)
@@ -317,9 +302,6 @@ def _summary(dest: Storage, manifest, *, written: int, skipped: int, complete: b
 
 def _run_pipeline(config: PrepareConfig, plan: _Plan, source: dict, todo: list[int], rows: dict[int, int], *,
                   progress: bool) -> dict[int, dict]:
-    import ray
-    from tqdm import tqdm
-
     with ray_session(log_to_driver=False):
         ctx = ray.data.DataContext.get_current()
         data_logger = logging.getLogger("ray.data")

@@ -6,7 +6,6 @@ the Inception weights are on this machine), then the sweep report. No cluster, n
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,15 +14,20 @@ from typing import Any
 import yaml
 
 from dcdit.errors import DCDiTError
+from dcdit.features import INCEPTION, inception_cache_path
+from dcdit_platform import console
+from dcdit_platform.config import load_yaml_tree
+from dcdit_platform.evaluation import EvalConfig, domain_classifier_path, evaluate, training_reference
+from dcdit_platform.raycluster import ray_session
+from dcdit_platform.reports import build_report
+from dcdit_platform.sweeps import eval_protocol, load_sweep, run_sweep
 
 SWEEP_FILE = "sweep.yaml"  # {out}/sweep.yaml: the sweep this quickstart ran (the packaged one plus the knobs)
 
 
 def default_config() -> Path:
     """experiments/quickstart/sweep.yaml of this checkout (the package is installed editable from it)."""
-    import dcdit_platform
-
-    return Path(dcdit_platform.__file__).resolve().parents[2] / "experiments" / "quickstart" / "sweep.yaml"
+    return Path(__file__).resolve().parents[2] / "experiments" / "quickstart" / "sweep.yaml"
 
 
 def write_sweep_file(out: Path, base: Path, *, steps: int | None, eval_samples: int | None) -> Path:
@@ -31,8 +35,6 @@ def write_sweep_file(out: Path, base: Path, *, steps: int | None, eval_samples: 
     if not base.is_file():
         raise DCDiTError(f"quickstart sweep {base} not found: pass --config experiments/quickstart/sweep.yaml from "
                          "a checkout of the repository")
-    from dcdit_platform.config import load_yaml_tree
-
     tree = load_yaml_tree(base)
     experiment = tree.get("experiment")
     if not isinstance(experiment, str):
@@ -63,8 +65,6 @@ def write_sweep_file(out: Path, base: Path, *, steps: int | None, eval_samples: 
 def prepare_domain_extractor(plan, echo: Callable[[str], None]) -> None:
     """Train the synthetic domain classifier (the FD feature extractor) once, into the sweep's cache, before the
     trials start: concurrent trial evaluations would otherwise each train it."""
-    from dcdit_platform.evaluation import domain_classifier_path, training_reference
-
     config = plan.trials[0].config
     source = training_reference(config)[1]
     if source is None:
@@ -78,19 +78,12 @@ def prepare_domain_extractor(plan, echo: Callable[[str], None]) -> None:
 
 def inception_available() -> str | None:
     """The local Inception weights file, or None (the quickstart never downloads)."""
-    from dcdit.features import inception_cache_path
-
     path = inception_cache_path()
     return str(path) if path.is_file() else None
 
 
 def evaluate_fid(plan, summary: dict, weights: str, echo: Callable[[str], None]) -> None:
     """FID of every finished trial with the sweep's protocol and the Inception features (logged to its run)."""
-    from dcdit.features import INCEPTION
-    from dcdit_platform.evaluation import EvalConfig, evaluate
-    from dcdit_platform.raycluster import ray_session
-    from dcdit_platform.sweeps import eval_protocol
-
     protocol = dict(eval_protocol(plan.spec.evaluation or {}, plan.trials[0].config.resources))
     protocol.update(extractor=INCEPTION, weights=weights, workers=None)  # one actor per CPU
     with ray_session(log_to_driver=False):  # one local Ray for all evaluations (evaluate() reuses it)
@@ -107,10 +100,7 @@ def run_quickstart(out: str | os.PathLike | None = None, *, config: str | os.Pat
                    steps: int | None = None, eval_samples: int | None = None, fid: bool | None = None,
                    echo: Callable[[str], None] | None = None) -> dict:
     """Run the quickstart into `out` and return its summary (report paths, MLflow ids, one entry per run)."""
-    from dcdit_platform.reports import build_report
-    from dcdit_platform.sweeps import load_sweep, run_sweep
-
-    echo = echo or (lambda text: print(f"dcdit quickstart: {text}", file=sys.stderr, flush=True))
+    echo = echo or console.echo("quickstart")
     started = time.perf_counter()
     out_dir = Path(out or "dcdit-quickstart").expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import ray
+
 from dcdit.errors import DCDiTError
 
 # Ray Train V2's placement-group cleaner finds the State API by auto-detecting "the" Ray of its machine, which fails
@@ -35,8 +37,6 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, dash
 
     Yields whether this call attached or started Ray (it is then shut down on exit); a Ray already initialised in
     this process (a sweep's trial, a test) is reused and left running. Connection failures are one DCDiTError."""
-    import ray
-
     if ray.is_initialized():
         yield False
         return

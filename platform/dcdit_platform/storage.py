@@ -14,7 +14,9 @@ import uuid
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import botocore.exceptions
 import pyarrow.fs as pafs
+import s3fs
 
 from dcdit.errors import DCDiTError, did_you_mean
 
@@ -74,10 +76,6 @@ def open_storage(uri: str, options: StorageOptions | dict | None = None) -> Stor
 
 
 def _s3_filesystem(opts: StorageOptions) -> pafs.FileSystem:
-    try:
-        import s3fs
-    except ImportError:
-        raise DCDiTError("s3:// storage needs the `s3fs` package: pip install s3fs") from None
     client_kwargs: dict[str, Any] = {}
     region = opts.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
@@ -96,14 +94,7 @@ def _s3_filesystem(opts: StorageOptions) -> pafs.FileSystem:
 
 
 def _error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [OSError]
-    try:
-        import botocore.exceptions as be
-
-        types += [be.BotoCoreError, be.ClientError]
-    except ImportError:
-        pass
-    return tuple(types)
+    return (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
 
 class Storage:

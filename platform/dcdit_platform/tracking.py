@@ -20,6 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import requests
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+import dcdit
 from dcdit.errors import DCDiTError
 from dcdit_platform.config import flatten
 from dcdit_platform.secrets import REDACTED, is_secret_name, redact, register_secret, split_credentials
@@ -57,8 +62,6 @@ def local_artifact_root(tracking_uri: str) -> str | None:
 @functools.lru_cache(maxsize=1)
 def code_tags() -> dict[str, str]:
     """Code version, git commit (and whether the tree is dirty) and host, for every run."""
-    import dcdit
-
     tags = {"dcdit.version": getattr(dcdit, "__version__", "unknown"), "dcdit.host": socket.gethostname()}
     repo = Path(dcdit.__file__).resolve().parent.parent
 
@@ -86,13 +89,8 @@ class TrackingUnavailable(DCDiTError):
 
 def _transient(err: BaseException) -> bool:
     """Errors worth retrying: connection problems, timeouts, 5xx/429 answers, a locked SQLite database."""
-    try:
-        import requests
-
-        if isinstance(err, (requests.ConnectionError, requests.Timeout)):
-            return True
-    except ImportError:
-        pass
+    if isinstance(err, (requests.ConnectionError, requests.Timeout)):
+        return True
     if isinstance(err, (ConnectionError, TimeoutError)):
         return True
     text = str(err)
@@ -125,8 +123,6 @@ class Tracker:
     @property
     def client(self):
         if self._client is None:
-            from mlflow import MlflowClient
-
             self._client = self._call("connect", lambda: MlflowClient(tracking_uri=self.uri))
         return self._client
 
@@ -220,8 +216,6 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         """Log flattened params (secret-named ones redacted). Params are immutable in MLflow: values that changed
         since an earlier attempt of the run are recorded as `dcdit.changed.<key>` tags instead."""
-        from mlflow.entities import Param, RunTag
-
         clean = {k: _param_value(k, v) for k, v in params.items()}
         existing = self.get_run(run_id).data.params
         new = [Param(k, v) for k, v in clean.items() if k not in existing]
@@ -233,15 +227,11 @@ class Tracker:
             self._call("set tags", lambda: self.client.log_batch(run_id, tags=changed, synchronous=True))
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
         items = [RunTag(k, REDACTED if is_secret_name(k) else redact(v)[:5000]) for k, v in tags.items()]
         if items:
             self._call("set tags", lambda: self.client.log_batch(run_id, tags=items, synchronous=True))
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None]
         for i in range(0, len(items), 1000):
