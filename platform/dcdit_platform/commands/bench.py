@@ -34,7 +34,6 @@ def register(subparsers) -> None:
 
 
 def bench(args: argparse.Namespace) -> int:
-    # Imported here: `dcdit --help` and the other commands would otherwise pay for torch and diffusers (~3 s).
     from dcdit_platform.perf.speed import BenchSettings, format_table, run_benchmark
 
     settings = BenchSettings(models=tuple(args.models), image_size=args.image_size, pixel=args.pixel,

@@ -28,7 +28,6 @@ def register(subparsers) -> None:
 
 
 def flops(args: argparse.Namespace) -> int:
-    # Imported here: `dcdit --help` and the other commands would otherwise pay for importing torch (~2 s).
     from dcdit_platform.perf.costs import CostQuery, flops_summary
 
     summary = flops_summary(CostQuery(model=args.model, image_size=args.image_size, pixel=args.pixel,
