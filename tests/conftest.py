@@ -10,7 +10,11 @@ import os
 import uuid
 from dataclasses import dataclass
 
+import boto3
+import moto.server
 import pytest
+import ray
+
 from dcdit_platform.raycluster import free_port
 
 
@@ -41,11 +45,9 @@ def s3_server():
 
     The variables are set process-wide (not per test) so that Ray workers started later inherit them.
     """
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's HTTP server logs every request otherwise
     port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = moto.server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     env = {**_S3_ENV, "AWS_ENDPOINT_URL": endpoint}
@@ -67,7 +69,6 @@ def s3_server():
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """A local Ray instance with 2 CPUs (started after the S3 server so workers inherit its AWS_* variables)."""
-    ray = pytest.importorskip("ray")
     if ray.is_initialized():
         yield ray
         return

@@ -7,14 +7,13 @@ from __future__ import annotations
 import argparse
 import re
 
+import diffusers
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from dcdit.errors import DCDiTError
 from dcdit.pretrained import load_dit
-
-diffusers = pytest.importorskip("diffusers")
 
 HEADS, HEAD_DIM, DEPTH, SIDE, PATCH, CLASSES = 2, 16, 2, 8, 2, 10
 
