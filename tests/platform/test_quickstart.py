@@ -114,8 +114,7 @@ def test_quickstart_json_and_mlflow_agree(quickstart):
 
 def test_quickstart_report_renders_in_headless_chromium(quickstart, tmp_path):
     binary = chromium_binary()
-    if binary is None:
-        pytest.skip("Chromium is not installed (.ci/run installs the Debian package `chromium`)")
+    assert binary, "Chromium is not installed: `apt-get install chromium` (.ci/run does)"
     summary = quickstart["summary"]
     browser = Chromium(binary, tmp_path)
     try:
