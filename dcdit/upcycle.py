@@ -1,7 +1,8 @@
 """Upcycling: a DC-DiT initialised from a pretrained DiT (arXiv 2603.06351 v1, "Upcycling").
 
 The DiT's timestep/class embedders and blocks are copied unchanged; the chunking scaffold (encoder, router,
-residual, decoder, final layer at patch size 1) starts fresh. `UpcycleResult` says which tensors went where.
+residual, decoder, final layer at patch size 1) starts fresh. `UpcycleResult` says which tensors went where;
+`BlockDistiller` anchors the copied blocks to the frozen DiT during the warm-up.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dcdit.config import PRESETS, ModelConfig, from_dict, preset
 from dcdit.errors import DCDiTError
@@ -167,4 +169,45 @@ def freeze_embedders(model: nn.Module) -> list[str]:
     return frozen
 
 
-__all__ = ["UpcycleResult", "upcycle", "freeze_embedders", "SHARED_PREFIXES"]
+class BlockDistiller:
+    """Upcycling warm-up: MSE between the student's DiT-block outputs and the frozen teacher's blocks applied to the
+    same packed kept tokens and conditioning (captured from the student's forward). The teacher anchors the
+    copied blocks to the function they had while the new scaffold learns; a trainer adds `weight * loss()` to the
+    objective for the first steps, then `close()`s it."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        if len(student.blocks) != len(teacher.blocks):
+            raise DCDiTError(f"the teacher has {len(teacher.blocks)} blocks, the student {len(student.blocks)}")
+        self.teacher = teacher
+        self.inputs: tuple | None = None
+        self.outputs: list[torch.Tensor] = []
+        self._handles = [student.blocks[0].register_forward_pre_hook(self._capture_input)]
+        self._handles += [block.register_forward_hook(self._capture_output) for block in student.blocks]
+
+    def _capture_input(self, module, args):
+        self.inputs = args  # (tokens (T, d), conditioning (B, d), packing)
+        self.outputs = []
+
+    def _capture_output(self, module, args, output):
+        self.outputs.append(output)
+
+    def loss(self) -> torch.Tensor:
+        if self.inputs is None or not self.outputs:
+            raise RuntimeError("BlockDistiller.loss() needs a student forward pass first")
+        x, c, packing = self.inputs
+        with torch.no_grad():
+            x, c, targets = x.detach(), c.detach(), []
+            for block in self.teacher.blocks:
+                x = block(x, c, packing)
+                targets.append(x)
+        losses = [F.mse_loss(out.float(), target.float()) for out, target in zip(self.outputs, targets)]
+        self.inputs, self.outputs = None, []
+        return torch.stack(losses).mean()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+__all__ = ["UpcycleResult", "upcycle", "freeze_embedders", "BlockDistiller", "SHARED_PREFIXES"]

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from dcdit.checkpoint import (CHECKPOINT_DIR, capture_rng_state, find_latest_checkpoint,
                               load_checkpoint, restore_rng_state, save_checkpoint)
 from dcdit.errors import DCDiTError
+from dcdit.upcycle import BlockDistiller
 from dcdit_platform.config import ExperimentConfig, build_config, check_run_name, default_run_name, science_diff
 from dcdit_platform.raycluster import ray_session, target_address
 from dcdit_platform.runs import checkpoint_name, latest_checkpoint_state, read_run_record, write_run_record
@@ -142,46 +142,6 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     ema_params = list(ema.parameters())
     params = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-
-class BlockDistiller:
-    """Upcycling warm-up: MSE between the student's DiT-block outputs and the frozen teacher's blocks applied to the
-    same packed kept tokens and conditioning (captured from the student's forward). The teacher anchors the
-    copied blocks to the function they had while the new scaffold learns; see `run_worker` for the phases."""
-
-    def __init__(self, student: nn.Module, teacher: nn.Module):
-        if len(student.blocks) != len(teacher.blocks):
-            raise DCDiTError(f"the teacher has {len(teacher.blocks)} blocks, the student {len(student.blocks)}")
-        self.teacher = teacher
-        self.inputs: tuple | None = None
-        self.outputs: list[torch.Tensor] = []
-        self._handles = [student.blocks[0].register_forward_pre_hook(self._capture_input)]
-        self._handles += [block.register_forward_hook(self._capture_output) for block in student.blocks]
-
-    def _capture_input(self, module, args):
-        self.inputs = args  # (tokens (T, d), conditioning (B, d), packing)
-        self.outputs = []
-
-    def _capture_output(self, module, args, output):
-        self.outputs.append(output)
-
-    def loss(self) -> torch.Tensor:
-        if self.inputs is None or not self.outputs:
-            raise RuntimeError("BlockDistiller.loss() needs a student forward pass first")
-        x, c, packing = self.inputs
-        with torch.no_grad():
-            x, c, targets = x.detach(), c.detach(), []
-            for block in self.teacher.blocks:
-                x = block(x, c, packing)
-                targets.append(x)
-        losses = [F.mse_loss(out.float(), target.float()) for out, target in zip(self.outputs, targets)]
-        self.inputs, self.outputs = None, []
-        return torch.stack(losses).mean()
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 # =====================================================================================================================

@@ -1,5 +1,6 @@
 """upcycle: which tensors are copied, which are new, what is skipped, and that the copied backbone computes
-exactly what the DiT's did; targets that do not fit are refused with the tensors named."""
+exactly what the DiT's did; targets that do not fit are refused with the tensors named. BlockDistiller: the
+warm-up loss is the MSE of the student's blocks against the teacher's blocks on the same inputs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dcdit.config import ModelConfig, preset
 from dcdit.errors import DCDiTError
 from dcdit.models import DCDiT, DiT
 from dcdit.models.attention import Packing
-from dcdit.upcycle import freeze_embedders, upcycle
+from dcdit.upcycle import BlockDistiller, freeze_embedders, upcycle
 
 TINY = dict(depth=2, hidden_size=32, num_heads=2, input_size=8, num_classes=10)
 
@@ -126,3 +127,65 @@ def test_upcycle_from_a_path(dit, tmp_path):
     result = upcycle(tmp_path / "dit.pt", target())  # the heads of a plain state dict come from the target
     source = dit.state_dict()
     assert all(torch.equal(result.model.state_dict()[k], source[k]) for k in result.copied)
+
+
+def _perturbed(model, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _student_forward(student, seed: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 4, 8, 8, generator=gen)
+    return student(x, torch.tensor([5, 400, 900]), torch.tensor([0, 3, 7]))
+
+
+def test_distill_loss_is_the_mse_against_the_teacher_blocks_on_the_captured_inputs(dit):
+    student = upcycle(dit, target()).model.eval()
+    teacher = _perturbed(DiT(ModelConfig(arch="dit", patch_size=2, **TINY)), seed=9).eval().requires_grad_(False)
+    seen: dict = {"outputs": []}  # our own record of what the student's blocks received and returned
+    hooks = [student.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(inputs=args))]
+    hooks += [b.register_forward_hook(lambda m, args, out: seen["outputs"].append(out.detach()))
+              for b in student.blocks]
+    distiller = BlockDistiller(student, teacher)
+    _student_forward(student)
+    loss = distiller.loss()
+    for hook in hooks:
+        hook.remove()
+
+    tokens, cond, packing = seen["inputs"]
+    expected, x = [], tokens
+    with torch.no_grad():
+        for block, out in zip(teacher.blocks, seen["outputs"]):
+            x = block(x, cond, packing)
+            expected.append(((out.float() - x.float()) ** 2).mean())
+    assert len(expected) == len(student.blocks) == 2
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-6, atol=0)
+    assert float(loss.detach()) > 1e-4  # a different teacher: the loss is not trivially zero
+    assert loss.requires_grad  # it trains the student's blocks (the teacher's side is constant)
+
+
+def test_distill_loss_is_zero_when_the_student_blocks_are_the_teacher(dit):
+    student = upcycle(dit, target()).model.eval()  # its blocks are copies of the DiT's
+    distiller = BlockDistiller(student, dit)
+    _student_forward(student)
+    assert float(distiller.loss()) == 0.0
+
+
+def test_distiller_needs_a_forward_first_and_stops_capturing_once_closed(dit):
+    student = upcycle(dit, target()).model.eval()
+    distiller = BlockDistiller(student, dit)
+    with pytest.raises(RuntimeError, match="forward pass first"):
+        distiller.loss()
+    _student_forward(student)
+    distiller.loss()
+    with pytest.raises(RuntimeError, match="forward pass first"):  # each forward's capture is used once
+        distiller.loss()
+    distiller.close()
+    _student_forward(student)
+    assert distiller.inputs is None and distiller.outputs == []
+    with pytest.raises(DCDiTError, match="the teacher has 2 blocks, the student 3"):
+        BlockDistiller(DCDiT(target(depth=3)), dit)
