@@ -1,5 +1,21 @@
-"""Sweeps on Ray Tune (transitional: re-exports dcdit_platform.sweep until it is split into this package)."""
+"""Sweeps on Ray Tune: a sweep YAML (base experiment, grid over dotted config keys, DiT baselines, scheduler,
+resources, evaluation) becomes named trials; each trial is one Ray Train run tracked as a child of the sweep's
+MLflow parent run, and resumable after the driver dies.
 
-from dcdit_platform.sweep import FAILED, FINISHED, eval_protocol, load_sweep, run_sweep
+  spec.py       the sweep YAML schema and its parser
+  trials.py     trial expansion: grid points, baselines (named or derived), names
+  plan.py       load_sweep: everything checked before Ray; the evaluation protocol
+  placement.py  how many trials fit on the cluster at once
+  state.py      the sweep's records in storage, trial statuses, the resume check
+  trainable.py  the trial as Tune runs it (train, evaluate, record)
+  tuner.py      the Tuner and the driver's callback
+  summary.py    the summary and its table
+  driver.py     run_sweep
+"""
 
-__all__ = ["load_sweep", "run_sweep", "eval_protocol", "FINISHED", "FAILED"]
+from dcdit_platform.sweeps.driver import run_sweep
+from dcdit_platform.sweeps.plan import SweepPlan, eval_protocol, load_sweep
+from dcdit_platform.sweeps.state import FAILED, FINISHED
+from dcdit_platform.sweeps.summary import format_table
+
+__all__ = ["load_sweep", "run_sweep", "eval_protocol", "SweepPlan", "format_table", "FINISHED", "FAILED"]

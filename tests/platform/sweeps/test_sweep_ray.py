@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from dcdit_platform.raycluster import free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SMOKE = REPO / "experiments" / "smoke-sweep.yaml"
 SMOKE_TRIALS = ["DC-DiT-tiny_N4_lam0.01", "DC-DiT-tiny_N4_lam0.1", "DiT-tiny_2"]
 BIN = Path(sys.executable).parent

@@ -11,9 +11,12 @@ import pytest
 
 from dcdit.errors import DCDiTError
 from dcdit.models import forward_macs
-from dcdit_platform import sweep as sw
+from dcdit_platform.sweeps import SweepPlan, load_sweep, run_sweep
+from dcdit_platform.sweeps.placement import TrialFootprint, resolve_max_concurrent, trials_that_fit
+from dcdit_platform.sweeps.spec import TRIAL_CPUS
+from dcdit_platform.sweeps.state import SWEEP_RECORD, SweepState, check_compatible
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 EXPERIMENTS = REPO / "experiments"
 
 
@@ -23,8 +26,8 @@ def write_sweep(tmp_path: Path, body: str, experiment: Path = EXPERIMENTS / "smo
     return path
 
 
-def load(path: Path, tmp_path: Path, **kwargs) -> sw.SweepPlan:
-    return sw.load_sweep(path, storage=str(tmp_path / "runs"), **kwargs)
+def load(path: Path, tmp_path: Path, **kwargs) -> SweepPlan:
+    return load_sweep(path, storage=str(tmp_path / "runs"), **kwargs)
 
 
 # --- schema ----------------------------------------------------------------------------------------------------------
@@ -92,7 +95,7 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path, capsys):
 # --- trials ----------------------------------------------------------------------------------------------------------
 
 def test_paper_sweep_expands_to_readable_trials():
-    plan = sw.load_sweep(EXPERIMENTS / "imagenet256" / "sweep-dcdit-b.yaml", storage="s3://bucket/runs",
+    plan = load_sweep(EXPERIMENTS / "imagenet256" / "sweep-dcdit-b.yaml", storage="s3://bucket/runs",
                          tracking_uri="https://mlflow.example.com")
     assert plan.name == "sweep-dcdit-b"
     assert [t.name for t in plan.trials] == [
@@ -112,8 +115,8 @@ def test_paper_sweep_expands_to_readable_trials():
     assert n16.config.storage.uri == "s3://bucket/runs/sweep-dcdit-b"
     assert n16.config.tracking.tags["dcdit.trial"] == "DC-DiT-B_N16_lam0.03"
     assert len({t.config_hash for t in plan.trials}) == 8
-    assert plan.footprint == sw.TrialFootprint(num_workers=8, cpus_per_worker=5.0, gpus_per_worker=1.0,
-                                               trial_cpus=sw.TRIAL_CPUS)
+    assert plan.footprint == TrialFootprint(num_workers=8, cpus_per_worker=5.0, gpus_per_worker=1.0,
+                                               trial_cpus=TRIAL_CPUS)
 
 
 def test_smoke_sweep_has_two_dcdit_settings_and_one_dit(tmp_path):
@@ -197,7 +200,7 @@ def test_every_shipped_sweep_file_validates():
     files = sorted(EXPERIMENTS.rglob("*sweep*.yaml"))
     assert len(files) >= 3
     for path in files:
-        plan = sw.load_sweep(path, storage="s3://bucket/runs", tracking_uri="https://mlflow.example.com")
+        plan = load_sweep(path, storage="s3://bucket/runs", tracking_uri="https://mlflow.example.com")
         assert plan.trials
     job = (REPO / "cluster" / "kuberay" / "rayjob-sweep.yaml").read_text()
     assert "experiments/imagenet256/sweep-dcdit-b.yaml" in job
@@ -207,34 +210,34 @@ def test_every_shipped_sweep_file_validates():
 # --- concurrency ---------------------------------------------------------------------------------------------------
 
 def test_concurrency_is_derived_from_the_resources():
-    fp = sw.TrialFootprint(num_workers=1, cpus_per_worker=0.5, gpus_per_worker=0.0, trial_cpus=0.01)
-    assert sw.trials_that_fit([{"CPU": 2.0}], fp, 16) == 3
-    assert sw.resolve_max_concurrent(None, [{"CPU": 2.0}], fp, 16, local=True) == (3, None)
-    assert sw.resolve_max_concurrent(None, [{"CPU": 2.0}], fp, 2, local=True) == (2, None)
-    count, warning = sw.resolve_max_concurrent(8, [{"CPU": 2.0}], fp, 16, local=True)
+    fp = TrialFootprint(num_workers=1, cpus_per_worker=0.5, gpus_per_worker=0.0, trial_cpus=0.01)
+    assert trials_that_fit([{"CPU": 2.0}], fp, 16) == 3
+    assert resolve_max_concurrent(None, [{"CPU": 2.0}], fp, 16, local=True) == (3, None)
+    assert resolve_max_concurrent(None, [{"CPU": 2.0}], fp, 2, local=True) == (2, None)
+    count, warning = resolve_max_concurrent(8, [{"CPU": 2.0}], fp, 16, local=True)
     assert count == 3 and "max_concurrent_trials=8 capped to 3" in warning
     # The starving case of the reference notes: 2 CPUs, 1 CPU per worker, the trial actor holding one more.
-    fp1 = sw.TrialFootprint(num_workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0, trial_cpus=1.0)
-    assert sw.trials_that_fit([{"CPU": 2.0}], fp1, 2) == 1
+    fp1 = TrialFootprint(num_workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0, trial_cpus=1.0)
+    assert trials_that_fit([{"CPU": 2.0}], fp1, 2) == 1
     # GPU nodes (KubeRay: a 0-CPU head, 48-CPU 8-GPU workers): 8 workers x (5 CPU + 1 GPU) per trial fill one
     # node each. With 6 CPUs per worker a node is full and the fourth trial's own actor has no CPU left anywhere.
     nodes = [{"CPU": 0.0}] + [{"CPU": 48.0, "GPU": 8.0}] * 4
-    gpu = sw.TrialFootprint(num_workers=8, cpus_per_worker=5.0, gpus_per_worker=1.0, trial_cpus=0.01)
-    assert sw.trials_that_fit(nodes, gpu, 8) == 4
-    full = sw.TrialFootprint(num_workers=8, cpus_per_worker=6.0, gpus_per_worker=1.0, trial_cpus=0.01)
-    assert sw.trials_that_fit(nodes, full, 8) == 3
-    two_workers = sw.TrialFootprint(num_workers=2, cpus_per_worker=1.0, gpus_per_worker=0.0, trial_cpus=0.01)
-    assert sw.trials_that_fit([{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}], two_workers, 5) == 1
+    gpu = TrialFootprint(num_workers=8, cpus_per_worker=5.0, gpus_per_worker=1.0, trial_cpus=0.01)
+    assert trials_that_fit(nodes, gpu, 8) == 4
+    full = TrialFootprint(num_workers=8, cpus_per_worker=6.0, gpus_per_worker=1.0, trial_cpus=0.01)
+    assert trials_that_fit(nodes, full, 8) == 3
+    two_workers = TrialFootprint(num_workers=2, cpus_per_worker=1.0, gpus_per_worker=0.0, trial_cpus=0.01)
+    assert trials_that_fit([{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}], two_workers, 5) == 1
 
 
 def test_a_trial_that_cannot_fit_is_an_error_locally_and_waits_for_autoscaling_remotely():
-    fp = sw.TrialFootprint(num_workers=4, cpus_per_worker=1.0, gpus_per_worker=0.0, trial_cpus=0.01)
+    fp = TrialFootprint(num_workers=4, cpus_per_worker=1.0, gpus_per_worker=0.0, trial_cpus=0.01)
     with pytest.raises(DCDiTError, match="one trial needs CPU 4.01 .* this machine has 2 CPUs"):
-        sw.resolve_max_concurrent(None, [{"CPU": 2.0}], fp, 3, local=True)
-    count, warning = sw.resolve_max_concurrent(None, [{"CPU": 2.0}], fp, 3, local=False)
+        resolve_max_concurrent(None, [{"CPU": 2.0}], fp, 3, local=True)
+    count, warning = resolve_max_concurrent(None, [{"CPU": 2.0}], fp, 3, local=False)
     assert count == 1 and "autoscaler" in warning
     # A cluster that grows on demand: the sweep asks for what it wants, Ray's autoscaler adds the nodes.
-    assert sw.resolve_max_concurrent(8, [{"CPU": 2.0}], fp, 3, local=False, autoscaling=True) == (3, None)
+    assert resolve_max_concurrent(8, [{"CPU": 2.0}], fp, 3, local=False, autoscaling=True) == (3, None)
 
 
 # --- resume guards -------------------------------------------------------------------------------------------------
@@ -242,18 +245,18 @@ def test_a_trial_that_cannot_fit_is_an_error_locally_and_waits_for_autoscaling_r
 def test_an_existing_sweep_needs_resume_and_the_same_trials(tmp_path):
     path = EXPERIMENTS / "smoke-sweep.yaml"
     plan = load(path, tmp_path)
-    state = sw.SweepState(plan.sweep_storage)
+    state = SweepState(plan.sweep_storage)
     trials = [{"name": t.name, "config_hash": t.config_hash} for t in plan.trials]
     state.write_sweep({"name": plan.name, "trials": trials})
     with pytest.raises(DCDiTError, match="sweep smoke-sweep already exists .* pass --resume"):
-        sw.run_sweep(plan, resume=False)
+        run_sweep(plan, resume=False)
     # More steps and other resources are fine on resume; another lambda is another experiment.
-    assert sw._check_compatible(load(path, tmp_path, overrides=["train.steps=8"]), {"trials": trials}) == []
+    assert check_compatible(load(path, tmp_path, overrides=["train.steps=8"]), {"trials": trials}) == []
     changed = load(path, tmp_path, overrides=["train.lr=0.5"])
     with pytest.raises(DCDiTError, match=r"started with other trials \(changed: DC-DiT-tiny_N4_lam0.01, "
                                          r"DC-DiT-tiny_N4_lam0.1, DiT-tiny_2\)"):
-        sw._check_compatible(changed, {"trials": trials})
-    added = sw._check_compatible(plan, {"trials": trials[:2]})
+        check_compatible(changed, {"trials": trials})
+    added = check_compatible(plan, {"trials": trials[:2]})
     assert added == ["DiT-tiny_2"]
-    record = json.loads((Path(plan.sweep_storage.root) / sw.SWEEP_RECORD).read_text())
+    record = json.loads((Path(plan.sweep_storage.root) / SWEEP_RECORD).read_text())
     assert record["name"] == "smoke-sweep"
