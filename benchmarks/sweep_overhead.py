@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,9 @@ import time
 from pathlib import Path
 
 import yaml
+
+from dcdit_platform.sweeps import load_sweep
+from dcdit_platform.tracking import Tracker, default_tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,9 +48,6 @@ def main() -> None:
     parser.add_argument("--tracking-uri", default=None, help="default: sqlite in the benchmark's folder")
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed at the end")
     args = parser.parse_args()
-
-    from dcdit_platform.sweeps import load_sweep
-    from dcdit_platform.tracking import Tracker, default_tracking_uri
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dcdit-sweep-bench-"))
     storage = work / "runs"
@@ -89,8 +90,6 @@ def main() -> None:
     print(f"sweep wall / sum alone = {wall / total:.2f}; sweep beyond its longest trial: {wall - longest:.1f} s "
           "(driver start-up, Ray start-up, MLflow parent run, Tune scheduling)")
     if not args.workdir:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -4,9 +4,8 @@ finish one with --resume after its driver died."""
 from __future__ import annotations
 
 import argparse
-import sys
 
-from dcdit_platform.console import print_json
+from dcdit_platform import console
 
 
 def register(subparsers) -> None:
@@ -37,30 +36,18 @@ def register(subparsers) -> None:
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    from dcdit_platform.sweeps import FAILED, load_sweep, run_sweep
+    from dcdit_platform.sweeps import FAILED, format_table, load_sweep, run_sweep
 
     plan = load_sweep(args.sweep, name=args.name, overrides=args.override, storage=args.storage,
                       tracking_uri=args.tracking_uri)
     for warning in plan.warnings:
-        print(f"dcdit sweep: warning: {warning}", file=sys.stderr)
+        console.warn("sweep", warning)
     summary = run_sweep(plan, resume=args.resume, address=args.address)
     if args.json:
-        print_json(summary)
+        console.print_json(summary)
     else:
         print(format_table(summary), flush=True)
     if summary["status"] == "INTERRUPTED":
-        print("dcdit sweep: interrupted; finish it with the same command and --resume", file=sys.stderr)
+        console.echo("sweep")("interrupted; finish it with the same command and --resume")
         return 130
     return 1 if summary["status"] == FAILED else 0
-
-
-def format_table(summary: dict) -> str:
-    rows = [("trial", "status", "step", "train/loss", "MLflow run")]
-    for t in summary["trials"]:
-        loss = (t.get("metrics") or {}).get("train/loss")
-        rows.append((t["name"], t["status"], str(t.get("step") or "-"),
-                     f"{loss:.4f}" if isinstance(loss, float) else "-", t.get("mlflow_run_id") or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join([f"sweep {summary['name']}: {summary['status']}; MLflow parent run {summary['mlflow_run_id']} "
-                      f"at {summary['tracking_uri']} (experiment {summary['experiment']})", *lines])

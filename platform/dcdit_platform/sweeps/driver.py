@@ -25,15 +25,7 @@ from dcdit_platform.raycluster import ray_session, target_address
 from dcdit_platform.secrets import redact, redact_config
 from dcdit_platform.sweeps.placement import resolve_max_concurrent
 from dcdit_platform.sweeps.plan import SweepPlan
-from dcdit_platform.sweeps.state import (
-    FAILED,
-    FINISHED,
-    INTERRUPTED,
-    PENDING,
-    SweepState,
-    check_compatible,
-    jsonable,
-)
+from dcdit_platform.sweeps.state import FAILED, FINISHED, INTERRUPTED, PENDING, SweepState, check_compatible, jsonable
 from dcdit_platform.sweeps.summary import close_unfinished, summarize
 from dcdit_platform.sweeps.tuner import SweepCallback, run_trials
 from dcdit_platform.tracking import Tracker, flat_params

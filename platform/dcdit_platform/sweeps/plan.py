@@ -15,16 +15,8 @@ from typing import Any
 
 from dcdit.config import from_dict
 from dcdit.errors import DCDiTError
-from dcdit_platform.config import (
-    StorageSection,
-    TrackingSection,
-    apply_overrides,
-    build_config,
-    check_config_key,
-    defining_file,
-    load_yaml_tree,
-    set_dotted,
-)
+from dcdit_platform.config import (StorageSection, TrackingSection, apply_overrides, build_config, check_config_key,
+                                   defining_file, load_yaml_tree, set_dotted)
 from dcdit_platform.evaluation import EvalConfig
 from dcdit_platform.secrets import redact
 from dcdit_platform.storage import open_storage

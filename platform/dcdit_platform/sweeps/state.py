@@ -89,5 +89,5 @@ def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-__all__ = ["SweepState", "check_compatible", "progress", "recorded_history", "jsonable", "SWEEP_RECORD", "TRIALS_DIR", "TUNE_DIR", "FINISHED",
-           "STOPPED", "FAILED", "INTERRUPTED", "PENDING", "FINAL"]
+__all__ = ["SweepState", "check_compatible", "progress", "recorded_history", "jsonable", "SWEEP_RECORD", "TRIALS_DIR",
+           "TUNE_DIR", "FINISHED", "STOPPED", "FAILED", "INTERRUPTED", "PENDING", "FINAL"]

@@ -10,13 +10,7 @@ import contextlib
 from dcdit.errors import DCDiTError
 from dcdit_platform.runs import read_run_record
 from dcdit_platform.sweeps.plan import SweepPlan
-from dcdit_platform.sweeps.state import (
-    INTERRUPTED,
-    PENDING,
-    SweepState,
-    jsonable,
-    progress,
-)
+from dcdit_platform.sweeps.state import INTERRUPTED, PENDING, SweepState, jsonable, progress
 
 
 def summarize(plan: SweepPlan, state: SweepState, parent_run_id: str) -> dict:

@@ -19,16 +19,8 @@ from dcdit.errors import DCDiTError
 from dcdit_platform.runs import read_run_record
 from dcdit_platform.secrets import redact
 from dcdit_platform.sweeps.plan import SweepPlan
-from dcdit_platform.sweeps.state import (
-    FAILED,
-    FINAL,
-    FINISHED,
-    STOPPED,
-    TUNE_DIR,
-    SweepState,
-    progress,
-    recorded_history,
-)
+from dcdit_platform.sweeps.state import (FAILED, FINAL, FINISHED, STOPPED, TUNE_DIR, SweepState, progress,
+                                         recorded_history)
 from dcdit_platform.sweeps.trainable import TrialContext, trial_main
 
 
