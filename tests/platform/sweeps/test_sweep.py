@@ -182,6 +182,19 @@ def test_derived_baselines_match_parameters_and_flops(tmp_path):
         "flop_matched to DC-DiT N=16"
 
 
+def test_baselines_drop_the_router_keys_only_when_they_have_no_router(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text((EXPERIMENTS / "imagenet256" / "base.yaml").read_text())
+    path = write_sweep(tmp_path, """
+        overrides: {model.preset: DC-DiT-B, train.chunking.ratio_loss_weight: 0.05}
+        baselines: [DiT-B/2, {name: DC-DiT-S-ref, model: DC-DiT-S}]
+    """, experiment=base)
+    trials = {t.name: t for t in load(path, tmp_path).trials}
+    assert trials["DiT-B_2"].config.train.chunking == type(trials["DiT-B_2"].config.train.chunking)()
+    assert trials["DC-DiT-S-ref"].config.model.arch == "dcdit"
+    assert trials["DC-DiT-S-ref"].config.train.chunking.ratio_loss_weight == 0.05
+
+
 def test_duplicate_trials_are_refused(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text((EXPERIMENTS / "imagenet256" / "base.yaml").read_text())
@@ -238,6 +251,26 @@ def test_a_trial_that_cannot_fit_is_an_error_locally_and_waits_for_autoscaling_r
     assert count == 1 and "autoscaler" in warning
     # A cluster that grows on demand: the sweep asks for what it wants, Ray's autoscaler adds the nodes.
     assert resolve_max_concurrent(8, [{"CPU": 2.0}], fp, 3, local=False, autoscaling=True) == (3, None)
+
+
+def test_concurrency_edge_cases():
+    fp = TrialFootprint(num_workers=1, cpus_per_worker=0.5, gpus_per_worker=0.0, trial_cpus=0.01)
+    # A request below what fits stands; with no trial left Tune still gets a valid limit of one.
+    assert resolve_max_concurrent(2, [{"CPU": 2.0}], fp, 16, local=True) == (2, None)
+    assert resolve_max_concurrent(None, [{"CPU": 2.0}], fp, 0, local=True) == (1, None)
+    # Autoscaling means a remote cluster: a local Ray gets no nodes added, so what fits decides there.
+    count, warning = resolve_max_concurrent(8, [{"CPU": 2.0}], fp, 16, local=True, autoscaling=True)
+    assert count == 3 and "capped to 3" in warning
+    assert resolve_max_concurrent(None, [{"CPU": 2.0}], fp, 5, local=False, autoscaling=True) == (5, None)
+    # GPU workers need GPU nodes; the error sums every bundle of one trial.
+    gpu = TrialFootprint(num_workers=2, cpus_per_worker=4.0, gpus_per_worker=1.0, trial_cpus=0.01)
+    assert gpu.total() == pytest.approx({"CPU": 8.01, "GPU": 2.0})
+    assert trials_that_fit([{"CPU": 64.0}], gpu, 4) == 0
+    assert trials_that_fit([{"CPU": 64.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}], gpu, 4) == 0  # worker 2 lacks CPU
+    assert trials_that_fit([{"CPU": 64.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}], gpu, 4) == 1
+    with pytest.raises(DCDiTError, match=r"one trial needs CPU 8.01, GPU 2 \(2 worker\(s\) x 4 CPU \+ 0.01 for the "
+                                         r"trial\) but this machine has 64 CPUs"):
+        resolve_max_concurrent(None, [{"CPU": 64.0}], gpu, 1, local=True)
 
 
 # --- resume guards -------------------------------------------------------------------------------------------------
