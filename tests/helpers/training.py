@@ -1,8 +1,11 @@
-"""Helpers shared by the training tests (imported as a plain module: tests/platform is on sys.path)."""
+"""Helpers of the training tests (and of other tests that train a tiny run): the tiny experiment config, the
+weights of a checkpoint, the largest difference between two state dicts, the steps MLflow holds a metric for."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from safetensors.torch import load_file
 
 
 def tiny_config(**sections) -> dict:
@@ -28,8 +31,6 @@ def tiny_config(**sections) -> dict:
 
 def load_weights(checkpoint_dir) -> tuple[dict, dict]:
     """(model, ema) state dicts of a local checkpoint directory."""
-    from safetensors.torch import load_file
-
     checkpoint_dir = Path(checkpoint_dir)
     return load_file(str(checkpoint_dir / "model.safetensors")), load_file(str(checkpoint_dir / "ema.safetensors"))
 

@@ -1,6 +1,6 @@
 """Platform fixtures: a real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts), started once per
-session and waited on until healthy, and small helpers for the training tests. The Ray cluster and the S3 server
-come from tests/conftest.py.
+session and waited on until healthy, and faster Ray Train polling. The Ray cluster and the S3 server come from
+tests/conftest.py; fixtures of one package's tests live in its folder's conftest.py.
 """
 
 from __future__ import annotations
@@ -80,19 +80,3 @@ class _suppress:
 def fast_ray_polling(monkeypatch):
     """Ray Train's controller drains reports every 2 s by default; the driver propagates this to the controller."""
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-
-
-@pytest.fixture(scope="session")
-def reference_run(tmp_path_factory):
-    """The tiny config (train_helpers.tiny_config) trained 12 steps in one process, checkpoints at 4, 8 and 12.
-
-    Its 2 workers x 1 micro-batch become 1 worker x 2, which trains the same thing, so Ray runs of the same config
-    must end with these weights. Returns (summary, storage root, {step: (model, ema) state dicts})."""
-    from dcdit_platform.config import build_config
-    from dcdit_platform.training import plan_run, run_local
-    from helpers.training import load_weights, tiny_config
-
-    store = tmp_path_factory.mktemp("reference")
-    summary = run_local(plan_run(build_config(tiny_config(storage={"uri": str(store)})), name="straight"))
-    weights = {step: load_weights(store / "straight" / f"checkpoint_{step:08d}") for step in (4, 8, 12)}
-    return summary, str(store), weights

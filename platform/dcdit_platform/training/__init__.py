@@ -1,5 +1,9 @@
-"""Training on Ray Train (transitional: re-exports dcdit_platform.train until it is split into this package)."""
+"""Training on Ray Train (DDP over gloo on CPU, NCCL on GPU) or in one process, tracked in MLflow.
 
-from dcdit_platform.train import RunPlan, plan_run, run_local, run_training
+driver (plan_run, run_training, run_local) -> worker (the loop's spine) -> state, step, metrics, logger,
+checkpointer, artifacts; sessions (Ray or local), runtime (device, precision), data (dataset and reader).
+"""
+
+from dcdit_platform.training.driver import RunPlan, plan_run, run_local, run_training
 
 __all__ = ["RunPlan", "plan_run", "run_training", "run_local"]

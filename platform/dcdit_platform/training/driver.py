@@ -1,0 +1,305 @@
+"""The training driver: resolve a run before any work starts (`plan_run`), then train it on Ray Train
+(`run_training`) or in this process (`run_local`). Both go through one set-up path (`open_run`: science check,
+MLflow run opened or resumed, params and tags, run record) and one ending (`_finish`: run status and summary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import yaml
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from dcdit.errors import DCDiTError
+from dcdit_platform import console
+from dcdit_platform.config import ExperimentConfig, check_run_name, default_run_name, science_diff
+from dcdit_platform.raycluster import ray_session, target_address
+from dcdit_platform.runs import latest_checkpoint_state, read_run_record, write_run_record
+from dcdit_platform.secrets import redact, redact_config, secret_env
+from dcdit_platform.storage import open_storage
+from dcdit_platform.tracking import Tracker, default_tracking_uri, flat_params
+from dcdit_platform.training.data import check_data
+from dcdit_platform.training.payload import WorkerPayload, WorkerSecrets
+from dcdit_platform.training.sessions import LocalSession
+from dcdit_platform.training.worker import run_worker, train_worker
+
+
+@dataclass
+class RunPlan:
+    """Everything the driver resolved before starting Ray."""
+
+    config: ExperimentConfig
+    name: str
+    storage: Any  # dcdit_platform.storage.Storage rooted at the storage URI
+    tracking_uri: str  # with credentials, if any were given; never printed or logged
+    config_path: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def run_uri(self) -> str:
+        return self.storage.join(self.name)
+
+    @property
+    def display_tracking_uri(self) -> str:
+        return redact(self.tracking_uri)
+
+
+def plan_run(config: ExperimentConfig, *, name: str | None = None, config_path: str | None = None) -> RunPlan:
+    """Resolve the run name, storage and tracking URI and check the data and the upcycling source (no Ray)."""
+    name = check_run_name(name) if name else default_run_name(config, config_path)
+    storage = open_storage(config.storage.uri, config.storage.options() or None)
+    if not storage.is_local:
+        storage.check()
+    tracking_uri = config.tracking.uri or default_tracking_uri(storage.uri)
+    check_data(config)
+    init = config.train.init_from
+    # Local paths are checked here; hub names and official file names are resolved by the workers.
+    if init and init.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(init)):
+        raise DCDiTError(f"train.init_from={init!r} does not exist")
+    return RunPlan(config=config, name=name, storage=storage, tracking_uri=tracking_uri, config_path=config_path,
+                   warnings=config.warnings())
+
+
+@dataclass
+class OpenedRun:
+    """A planned run with its MLflow run open: what the workers are sent and the summary reports."""
+
+    plan: RunPlan
+    tracker: Tracker
+    run_id: str
+    safe_config: dict  # the config with secrets redacted
+    config_hash: str
+    done: dict | None = None  # the summary, when the newest checkpoint reached train.steps already
+
+    def payload(self, secrets: Any = None) -> WorkerPayload:
+        p = self.plan
+        return WorkerPayload(config=self.safe_config, name=p.name, run_id=self.run_id, config_hash=self.config_hash,
+                             tracking_uri=p.display_tracking_uri, secrets=secrets)
+
+    def summary(self, *, step: int, checkpoint: str | None, metrics: dict) -> dict:
+        """The JSON summary of `dcdit train --json`."""
+        p = self.plan
+        return {"name": p.name, "step": step, "checkpoint": checkpoint, "mlflow_run_id": self.run_id,
+                "tracking_uri": p.display_tracking_uri, "experiment": p.config.tracking.experiment,
+                "storage": redact(p.run_uri), "config_hash": self.config_hash, "metrics": metrics}
+
+
+def open_run(plan: RunPlan, echo: Callable[[str], None]) -> OpenedRun:
+    """Refuse a resumption with changed science, open (or resume) the MLflow run, log its params and tags, and
+    write the run record on the first start. Says on `echo` whether the run starts, resumes or is done already
+    (then the run is closed and `done` holds its summary)."""
+    config, name = plan.config, plan.name
+    safe_config, config_hash = redact_config(config.to_dict()), config.config_hash()
+    record = read_run_record(plan.storage, name)
+    latest = latest_checkpoint_state(plan.storage.child(name))
+    _refuse_changed_science(name, config, record, latest)
+
+    tracker = Tracker(plan.tracking_uri, retry_timeout_s=config.tracking.retry_timeout_s)
+    known_run = (latest[1].get("mlflow_run_id") if latest else None) or (record or {}).get("mlflow_run_id")
+    run_id = tracker.open_run(experiment=config.tracking.experiment, run_name=name, run_id=known_run,
+                              parent_run_id=config.tracking.parent_run_id, tags=config.tracking.tags)
+    tracker.log_params(run_id, flat_params(safe_config))
+    tracker.set_tags(run_id, {"dcdit.config_hash": config_hash, "dcdit.storage": redact(plan.run_uri),
+                              "dcdit.model": config.model_preset or config.model.arch,
+                              **({"dcdit.init_from": redact(config.train.init_from)} if config.is_upcycling else {})})
+    if record is None:
+        tracker.log_text(run_id, yaml.safe_dump(safe_config, sort_keys=False), "config/resolved.yaml")
+        write_run_record(plan.storage, name, {
+            "name": name, "config": safe_config, "science": config.science_dict(),
+            "config_hash": config_hash, "config_path": plan.config_path, "mlflow_run_id": run_id,
+            "tracking_uri": plan.display_tracking_uri, "created_unix": time.time()})
+    run = OpenedRun(plan=plan, tracker=tracker, run_id=run_id, safe_config=safe_config, config_hash=config_hash)
+    if latest and int(latest[1].get("step", 0)) >= config.train.steps:
+        # Already trained this far: a complete checkpoint is the result, no worker needs to start for it.
+        echo(f"{name} already reached step {latest[1]['step']} (train.steps={config.train.steps})")
+        tracker.finish(run_id, "FINISHED")
+        metrics = {k: v for k, v in latest[1].get("metrics", {}).items() if k != "step"}
+        run.done = run.summary(step=int(latest[1]["step"]), checkpoint=plan.storage.join(name, latest[0]),
+                               metrics=metrics)
+    elif latest:
+        echo(f"resuming {name} from {latest[0]} (MLflow run {run_id})")
+    else:
+        echo(f"starting {name} (MLflow run {run_id}, storage {redact(plan.run_uri)})")
+    return run
+
+
+def _refuse_changed_science(name: str, config: ExperimentConfig, record: dict | None,
+                            latest: tuple[str, dict] | None) -> None:
+    old_hash = (latest[1].get("config_hash") if latest else None) or (record or {}).get("config_hash")
+    if old_hash is None or old_hash == config.config_hash():
+        return
+    changed = science_diff(record.get("science", {}), config.science_dict()) if record else []
+    listed = ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "") if changed else "model/data/optimisation"
+    raise DCDiTError(f"run {name} was started with a different config ({listed} changed); resuming would mix two "
+                     "experiments. Revert them or start a new run with another --name (train.steps, "
+                     "train.grad_accum, checkpoint.*, logging.*, resources.*, storage.* and tracking.* may change)")
+
+
+def _finish(run: OpenedRun, metrics: dict, checkpoint: str | None) -> dict:
+    """Close the MLflow run as the workers' last report says (FAILED raises its error) and summarise it."""
+    metrics = dict(metrics)
+    if metrics.get("error"):
+        with contextlib.suppress(DCDiTError):
+            run.tracker.finish(run.run_id, "FAILED")
+        raise DCDiTError(f"{metrics['error']} ({checkpoint or 'no checkpoint'}; run {run.plan.name})")
+    run.tracker.finish(run.run_id, "FINISHED")
+    step = int(metrics.pop("step", 0))
+    metrics.pop("done", None)
+    return run.summary(step=step, checkpoint=checkpoint, metrics=metrics)
+
+
+def _latest_checkpoint_uri(plan: RunPlan) -> str | None:
+    latest = latest_checkpoint_state(plan.storage.child(plan.name))
+    return plan.storage.join(plan.name, latest[0]) if latest else None
+
+
+# --- on Ray Train ----------------------------------------------------------------------------------------------------
+
+def run_training(plan: RunPlan, *, address: str | None = None, echo: Callable[[str], None] | None = None,
+                 callbacks: Sequence[Any] = ()) -> dict:
+    """Train (or resume) the planned run on Ray and return its summary; DCDiTError on user-fixable failures.
+
+    `echo` prints progress lines (default: `dcdit train: ...` on stderr). `callbacks` are Ray Train
+    `UserCallback`s added to the trainer's RunConfig (sweeps pass Tune's `TuneReportCallback` so that the trial's
+    scheduler sees the reported metrics)."""
+    run = open_run(plan, echo or console.echo("train"))
+    if run.done is not None:
+        return {**run.done, "ray_startup_s": 0.0, "wall_s": 0.0}
+    t0 = time.perf_counter()
+    _check_local_resources(plan.config, address)
+    # The dashboard stays on: Ray Train V2 and Tune use the State API it serves.
+    with ray_session(address, dashboard=True):
+        ray_startup_s = time.perf_counter() - t0
+        try:
+            result = _fit(run, callbacks=callbacks)
+        except KeyboardInterrupt:
+            with contextlib.suppress(DCDiTError):
+                run.tracker.finish(run.run_id, "KILLED")
+            raise
+        except DCDiTError:
+            with contextlib.suppress(DCDiTError):
+                run.tracker.finish(run.run_id, "FAILED")
+            raise
+    checkpoint = _checkpoint_uri(plan, result.checkpoint)
+    return {**_finish(run, result.metrics or {}, checkpoint), "ray_startup_s": round(ray_startup_s, 3),
+            "wall_s": round(time.perf_counter() - t0, 3)}
+
+
+def _check_local_resources(config: ExperimentConfig, address: str | None) -> None:
+    """An embedded cluster is this machine: refuse a run whose workers cannot fit on it before starting Ray."""
+    if target_address(address) or ray.is_initialized():
+        return
+    res = config.resources
+    cpus = os.cpu_count() or 1
+    need = res.num_workers * res.cpus_per_worker
+    if need > cpus:
+        raise DCDiTError(f"{res.num_workers} workers x {res.cpus_per_worker:g} CPUs need {need:g} CPUs but this "
+                         f"machine has {cpus}; lower resources.num_workers or resources.cpus_per_worker, or "
+                         "pass --address of a larger cluster")
+    if res.use_gpu:
+        gpus = torch.cuda.device_count()
+        if res.num_workers * res.gpus_per_worker > gpus:
+            raise DCDiTError(f"{res.num_workers} workers x {res.gpus_per_worker:g} GPUs need more GPUs than the "
+                             f"{gpus} this machine has; lower resources.num_workers or pass --address")
+
+
+def _fit(run: OpenedRun, callbacks: Sequence[Any] = ()):
+    plan = run.plan
+    config = plan.config
+    res = config.resources
+    secrets = WorkerSecrets(tracking_uri=plan.tracking_uri, storage_options=config.storage.options(),
+                            env=secret_env())
+    # Ray exports train_loop_config to its dashboard: the secrets go as an object reference, not as values.
+    payload = run.payload(secrets=ray.put(secrets))
+    storage = plan.storage
+    # Ray wants bucket/prefix without s3:// next to the filesystem (see its docs); a local path on its own.
+    storage_fs = None if storage.is_local else storage.filesystem
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker, train_loop_config={"payload": payload},
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=plan.name, storage_path=storage.root, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures,
+                                                   controller_failure_limit=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            callbacks=list(callbacks) or None,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")))
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise DCDiTError(_failure_message(plan, err)) from None
+
+
+def _failure_message(plan: RunPlan, err: Exception) -> str:
+    """One line naming the root cause of a failed fit and the last good checkpoint."""
+    causes = list(getattr(err, "worker_failures", {}).items())
+    root: BaseException = causes[0][1] if causes else getattr(err, "controller_failure", err)
+    seen = set()
+    while id(root) not in seen:
+        seen.add(id(root))
+        inner = getattr(root, "cause", None) or root.__cause__
+        if isinstance(root, DCDiTError) or inner is None:
+            break
+        root = inner
+    where = f"worker rank {causes[0][0]}" if causes else "the Ray Train controller"
+    if isinstance(root, DCDiTError):
+        detail = str(root)
+    else:
+        lines = [ln for ln in str(root).splitlines() if ln.strip()]
+        detail = f"{type(root).__name__}: {lines[-1] if lines else ''}"
+    try:
+        latest = _latest_checkpoint_uri(plan)
+        kept = f"last good checkpoint {latest}" if latest else "no checkpoint yet"
+    except DCDiTError:
+        kept = "the storage is unreachable now, so its last good checkpoint is unknown"
+    return redact(f"training failed in {where} after {plan.config.checkpoint.max_failures} restart(s): "
+                  f"{' '.join(detail.split())[:400]}; {kept}; fix and run `dcdit resume {plan.name}`")
+
+
+def _checkpoint_uri(plan: RunPlan, checkpoint) -> str | None:
+    """Where Ray's last reported checkpoint lives, as a URI of the run's storage."""
+    if checkpoint is None:
+        return _latest_checkpoint_uri(plan)
+    return checkpoint.path if plan.storage.is_local else f"s3://{checkpoint.path.lstrip('/')}"
+
+
+# --- in this process (no Ray): tests and debugging -------------------------------------------------------------------
+
+def run_local(plan: RunPlan, *, resume_from: str | None = None, echo: Callable[[str], None] | None = None) -> dict:
+    """Run the worker loop in this process with one worker and the same checkpoint/tracking semantics (no Ray).
+
+    `num_workers` x `grad_accum` becomes 1 x their product, which trains the same thing (see `micro_seed`).
+    `resume_from` hands the loop that checkpoint instead of the newest, as Ray Train may after a crash."""
+    config = plan.config
+    if config.resources.num_workers != 1:
+        plan = dataclasses.replace(plan, config=config.replace(
+            resources=dataclasses.replace(config.resources, num_workers=1),
+            train=dataclasses.replace(config.train, grad_accum=config.train.grad_accum * config.resources.num_workers)))
+        config = plan.config
+    if not plan.storage.is_local:
+        raise DCDiTError("in-process runs need local storage")
+    run = open_run(plan, echo or console.echo("train"))
+    if run.done is not None:
+        return run.done
+    run_dir = os.path.join(plan.storage.root, plan.name)
+    os.makedirs(run_dir, exist_ok=True)
+    secrets = WorkerSecrets(tracking_uri=plan.tracking_uri, storage_options=config.storage.options())
+    session = LocalSession(run_dir, keep=config.checkpoint.keep, resume_from=resume_from, secrets=secrets)
+    previous = torch.get_num_threads()
+    try:
+        run_worker(run.payload(), session)
+    finally:
+        torch.set_num_threads(previous)
+    return _finish(run, session.reports[-1] if session.reports else {}, _latest_checkpoint_uri(plan))

@@ -1,0 +1,40 @@
+"""What the driver sends each training worker: `WorkerPayload` (the run's redacted config and identity) and
+`WorkerSecrets` (credentials), which travels as a Ray object reference so that it stays out of what Ray exports
+to its dashboard.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class WorkerSecrets:
+    """Credentials a worker needs and nothing may log: the tracking URI with its password, storage options and
+    secret environment variables (set in the worker when missing there)."""
+
+    tracking_uri: str | None = None
+    storage_options: dict = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # never print secrets
+        return "WorkerSecrets(***)"
+
+    def export_env(self) -> None:
+        """Set the secret environment variables this process lacks (a worker on another machine)."""
+        for key, value in self.env.items():
+            os.environ.setdefault(key, value)
+
+
+@dataclass(frozen=True)
+class WorkerPayload:
+    """One run as every worker of it receives it."""
+
+    config: dict  # the redacted config tree (checkpoints store it as config.json)
+    name: str  # the run name
+    run_id: str  # the MLflow run, unless the checkpoint a worker resumes from names one
+    config_hash: str  # of the science: a checkpoint of another hash is refused
+    tracking_uri: str  # redacted: used when the secrets hold none
+    secrets: Any = None  # a Ray ObjectRef to WorkerSecrets (None in one process, whose session holds them)

@@ -1,0 +1,98 @@
+"""One optimizer step: the objective a worker trains, the learning-rate schedule, the per-micro-batch seeds that
+make the result independent of how the global batch is split into workers x accumulation micro-steps, the
+forward/backward/clip/step itself (`train_step`) and the EMA update that follows it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+
+import torch
+import torch.nn as nn
+
+from dcdit.diffusion import create_diffusion
+from dcdit.models import family_of
+from dcdit.objective import TrainingObjective
+from dcdit.upcycle import BlockDistiller
+from dcdit_platform.config import ExperimentConfig
+from dcdit_platform.training.metrics import StepResult, StepStats
+from dcdit_platform.training.runtime import Runtime
+from dcdit_platform.training.state import TrainState
+
+
+def build_objective(config: ExperimentConfig) -> TrainingObjective:
+    """The diffusion loss, plus lambda x the ratio loss for a model with a router."""
+    diffusion = create_diffusion(num_timesteps=config.diffusion.num_timesteps, learn_sigma=config.model.learn_sigma)
+    return TrainingObjective(diffusion, is_dcdit=family_of(config.model).routed,
+                             downsample_factor=config.model.downsample_factor, chunking=config.train.chunking,
+                             seed=config.seed)
+
+
+def lr_at(config: ExperimentConfig, step: int) -> float:
+    """Learning rate of optimizer step `step` (1-based): linear warm-up, then constant (the paper's schedule)."""
+    t = config.train
+    return t.lr * min(1.0, step / t.warmup_steps) if t.warmup_steps else t.lr
+
+
+def micro_seed(seed: int, step: int, index: int) -> int:
+    """Seed of micro-batch `index` (its position in the global batch) of optimizer step `step`."""
+    digest = hashlib.blake2b(f"dcdit/{seed}/{step}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over every parameter."""
+    ema_params = list(ema.parameters())
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def train_step(state: TrainState, objective: TrainingObjective, x: torch.Tensor, y: torch.Tensor, *, step: int,
+               config: ExperimentConfig, runtime: Runtime, rank: int, world_size: int,
+               distiller: BlockDistiller | None = None) -> StepResult:
+    """Forward/backward over `train.grad_accum` micro-batches of this rank's batch (DDP syncs on the last),
+    statistics all-reduced, then, when loss and gradients are finite, clip and step at `lr_at(step)`. The caller
+    updates the EMA."""
+    t = config.train
+    lr = lr_at(config, step)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    state.optimizer.zero_grad(set_to_none=True)
+    model = state.ddp
+    stats = StepStats(device=x.device)
+    micro = x.shape[0] // t.grad_accum
+    tail_drop, target_n = 0.0, None
+    for m in range(t.grad_accum):
+        xm, ym = x[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro]
+        sync = m == t.grad_accum - 1 or not hasattr(model, "no_sync")
+        torch.manual_seed(micro_seed(config.seed, step, rank * t.grad_accum + m))
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            with runtime.autocast():
+                out = objective(model, xm, ym, step)
+            loss = out.loss
+            distill = None
+            if distiller is not None:
+                distill = distiller.loss()
+                loss = loss + t.distill_weight * distill
+            (loss / t.grad_accum).backward()
+        stats.record(out, loss, distill, config.diffusion.num_timesteps)
+        if out.routing is not None:
+            tail_drop, target_n = out.tail_drop, out.target_n
+    if world_size > 1:
+        stats.all_reduce()
+    stats = stats.cpu()
+
+    def result(grad_norm: float, finite: bool) -> StepResult:
+        return StepResult(stats, grad_norm, finite, lr, tail_drop, target_n, distiller is not None)
+
+    if stats["nonfinite"] > 0:
+        return result(float("nan"), False)
+    norm = torch.nn.utils.clip_grad_norm_(state.params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+    grad_norm = float(norm)
+    if not math.isfinite(grad_norm):
+        return result(grad_norm, False)
+    state.optimizer.step()
+    return result(grad_norm, True)
