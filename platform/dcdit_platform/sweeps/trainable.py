@@ -107,7 +107,7 @@ def trial_main(config: dict, ctx: TrialContext) -> None:
     resumed_from = latest[0] if latest else None
 
     # The Train run's progress lines go to the trial's stderr as they are (Ray forwards them to the driver).
-    summary = run_training(plan, callbacks=[TuneReportCallback()], echo=console.logger("sweep").info)
+    summary = run_training(plan, callbacks=[TuneReportCallback()], echo=console.echo("train"))
     metrics = dict(summary.get("metrics") or {})
     evaluation = None
     if ctx.evaluation is not None and summary.get("checkpoint"):
