@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 
 from dcdit.errors import DCDiTError
-from dcdit_platform.console import print_json
+from dcdit_platform.console import print_json, warn
+from dcdit_platform.secrets import REDACTED, strip_redacted
 
 
 def register(subparsers) -> None:
@@ -56,8 +56,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 def resume_command(args: argparse.Namespace) -> int:
     from dcdit_platform.config import apply_overrides, build_config, check_run_name
-    from dcdit_platform.storage import open_storage
     from dcdit_platform.runs import read_run_record
+    from dcdit_platform.storage import open_storage
 
     name = check_run_name(args.name)
     storage_uri = args.storage or "./dcdit-runs"
@@ -65,10 +65,11 @@ def resume_command(args: argparse.Namespace) -> int:
     if record is None:
         raise DCDiTError(f"no run named {name} in {storage_uri}: pass the --storage it was started with, or start "
                          "it with `dcdit train CONFIG --name NAME`")
-    tree = _restore_secrets(copy.deepcopy(record["config"]))
+    # Secret values were stored redacted: leave them unset so that credentials come from the environment again.
+    tree = strip_redacted(copy.deepcopy(record["config"]))
     tree["storage"]["uri"] = storage_uri
     tree = apply_overrides(tree, args.override)
-    if args.tracking_uri is None and "***" in str(tree.get("tracking", {}).get("uri") or ""):
+    if args.tracking_uri is None and REDACTED in str(tree.get("tracking", {}).get("uri") or ""):
         raise DCDiTError(f"run {name} was tracked at {tree['tracking']['uri']}; its credentials are not stored, "
                          "so pass --tracking-uri again")
     config = build_config(_with_flags(tree, args))
@@ -85,19 +86,12 @@ def _with_flags(tree: dict, args: argparse.Namespace) -> dict:
     return tree
 
 
-def _restore_secrets(tree):
-    """Secret values were stored as ***: leave them unset so credentials come from the environment again."""
-    if isinstance(tree, dict):
-        return {k: _restore_secrets(v) for k, v in tree.items() if v != "***"}
-    return tree
-
-
 def _run(config, *, name, config_path, args: argparse.Namespace) -> int:
     from dcdit_platform.training import plan_run, run_training
 
     plan = plan_run(config, name=name, config_path=config_path)
     for warning in plan.warnings:
-        print(f"dcdit {args.command}: warning: {warning}", file=sys.stderr)
+        warn(args.command, warning)
     summary = run_training(plan, address=args.address)
     if args.json:
         print_json(summary)
