@@ -21,7 +21,15 @@ import os
 import tempfile
 import time
 
+import ray
 import torch
+
+from dcdit.data import DataReader, SyntheticDataset
+from dcdit.diffusion import create_diffusion
+from dcdit.models import build_model, family_of
+from dcdit.objective import TrainingObjective
+from dcdit_platform.config import build_config
+from dcdit_platform.training import plan_run, run_training
 
 
 def experiment(args, workers: int, storage: str) -> dict:
@@ -43,18 +51,13 @@ def experiment(args, workers: int, storage: str) -> dict:
 
 def plain_loop(config) -> dict:
     """The reference loop: what a researcher would write by hand for one process."""
-    from dcdit.data import DataReader, SyntheticDataset
-    from dcdit.diffusion import create_diffusion
-    from dcdit.models import build_model
-    from dcdit.objective import TrainingObjective
-
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     model = build_model(config.model)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=0.0)
-    objective = TrainingObjective(create_diffusion(), is_dcdit=True, downsample_factor=4.0,
+    objective = TrainingObjective(create_diffusion(), is_dcdit=family_of(config.model).routed, downsample_factor=4.0,
                                   chunking=config.train.chunking, seed=config.seed)
     d = config.data
     reader = DataReader(SyntheticDataset(d.num_samples, image_size=d.image_size, num_classes=d.num_classes),
@@ -76,8 +79,6 @@ def plain_loop(config) -> dict:
 
 
 def platform_run(config, name: str) -> dict:
-    from dcdit_platform.training import plan_run, run_training
-
     t0 = time.perf_counter()
     summary = run_training(plan_run(config, name=name), echo=lambda _: None)
     fit = time.perf_counter() - t0
@@ -97,14 +98,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
-    from dcdit_platform.config import build_config
-
     with tempfile.TemporaryDirectory(prefix="dcdit-bench-") as tmp:
         one = build_config(experiment(args, 1, tmp))
         two = build_config(experiment(args, 2, tmp))
         before = plain_loop(one)
-
-        import ray
 
         t0 = time.perf_counter()
         ray.init(address="local", num_cpus=2, logging_level="warning", log_to_driver=False)
