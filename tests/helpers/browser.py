@@ -6,6 +6,7 @@ replies and events to fd 4, NUL-separated JSON), so no websocket client and no p
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import queue
@@ -14,8 +15,11 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -120,8 +124,6 @@ class Chromium:
         clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 12000), "scale": 1}
         shot = self.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip},
                          session=session)["data"]
-        import base64
-
         screenshot.write_bytes(base64.b64decode(shot))
         # Console messages and exceptions arrive as events, possibly after the load event: drain briefly.
         deadline = time.monotonic() + 1.0
@@ -178,9 +180,6 @@ class Rendered:
 
     def blank(self) -> bool:
         """A screenshot that is one colour (or nearly): nothing was drawn."""
-        import numpy as np
-        from PIL import Image
-
         pixels = np.asarray(Image.open(io.BytesIO(self.screenshot.read_bytes())).convert("RGB"), dtype=np.float64)
         not_white = (pixels.min(axis=-1) < 245).mean()
         return pixels.std() < 5.0 or not_white < 0.01

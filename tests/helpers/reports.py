@@ -1,13 +1,14 @@
-"""Runs logged into a real MLflow server in the layout training and evaluation use, for the report tests."""
+"""Runs for the report tests: logged into a real MLflow server in the layout training and evaluation use, or made
+by hand as the report's own rows (RunRow, Evaluation) for the tests of ranking, findings and contents."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from dcdit_platform.config import build_config
 from dcdit_platform.evaluation import PROTOCOL_PARAMS
+from dcdit_platform.reports.protocols import protocol_of
+from dcdit_platform.reports.records import Evaluation, RunRow
 from dcdit_platform.tracking import flat_params
 
 PROTOCOL_A = {"num_samples": 256, "sampler": "ddim", "steps": 25, "cfg_scale": 1.0, "lite_cfg": False, "seed": 0,
@@ -16,15 +17,6 @@ PROTOCOL_A = {"num_samples": 256, "sampler": "ddim", "steps": 25, "cfg_scale": 1
               "reference": "synthetic(seed=3)", "reference_id": "synthetic:0123456789ab", "vae": None,
               "image_size": 8, "ema": True, "rho": None}
 PROTOCOL_B = {**PROTOCOL_A, "num_samples": 64, "sampler": "ddpm", "steps": 50}
-
-
-@dataclass
-class Logged:
-    """What a test logged, to compare the report against (the test reads MLflow back on its own too)."""
-
-    run_id: str
-    name: str
-    evaluations: dict[str, dict] = field(default_factory=dict)  # slug -> metrics
 
 
 def log_evaluation(tracker, run_id: str, slug: str, protocol: dict, metrics: dict, step: int) -> None:
@@ -57,3 +49,22 @@ def evaluation_metrics(rng, *, gflops: float) -> dict:
             "precision": float(rng.random()), "recall": float(rng.random()), "class_accuracy": float(rng.random()),
             "gflops_per_image": gflops, "gmacs_per_forward": gflops / 50, "sampling_seconds": 1.5,
             "samples_per_s": 170.0}
+
+
+def protocol(**changes) -> dict[str, str]:
+    """PROTOCOL_A (or it with `changes`) in the normalised form evaluations carry."""
+    return protocol_of({k: str(v) for k, v in {**PROTOCOL_A, **changes}.items()})
+
+
+def evaluation(quality: float, gflops: float, *, rho: float | None = None, slug: str = "a",
+               distance: str = "fd", **protocol_changes) -> Evaluation:
+    return Evaluation(slug=slug, rho=rho, protocol=protocol(**protocol_changes),
+                      metrics={distance: quality, "gflops_per_image": gflops})
+
+
+def report_row(name: str, arch: str | None = "dcdit", *, evaluations=(), **fields) -> RunRow:
+    """A RunRow with every number unset unless given (n, lam, compression, steps, kept_by_t, ...)."""
+    values = dict(run_id=f"id-{name}", name=name, status="FINISHED", arch=arch, model=None, n=None, lam=None,
+                  params=None, forward_gflops=None, compression=None, kept_fraction=None, steps=None,
+                  images_per_s=None, diffusion_loss=None)
+    return RunRow(**{**values, **fields}, evaluations=list(evaluations))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dcdit.errors import DCDiTError
 from dcdit_platform.console import print_json
 
 
@@ -35,8 +36,7 @@ def register(subparsers) -> None:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from dcdit.errors import DCDiTError
-    from dcdit_platform.reports import build_report
+    from dcdit_platform.reports import build_report, format_summary
 
     if args.probe_images < 2:
         raise DCDiTError(f"--probe-images must be >= 2, got {args.probe_images}")
@@ -47,15 +47,3 @@ def report_command(args: argparse.Namespace) -> int:
     else:
         print(format_summary(summary), flush=True)
     return 0
-
-
-def format_summary(summary: dict) -> str:
-    lines = [f"report of {summary['name']} ({len(summary['runs'])} runs, MLflow parent run {summary['mlflow_run_id']})",
-             f"  html:     {summary['report_html']}", f"  markdown: {summary['report_md']}",
-             f"  csv:      {summary['report_csv']}"]
-    if summary.get("mixed_protocols"):
-        lines.append(f"  warning: {len(summary['protocols'])} evaluation protocols; runs are ranked within each only")
-    for key in ("detail", "timestep", "quality"):
-        for line in summary["findings"].get(key, [])[:3]:
-            lines.append(f"  - {line}")
-    return "\n".join(lines)

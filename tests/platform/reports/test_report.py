@@ -20,10 +20,9 @@ from mlflow import MlflowClient
 from dcdit_platform.cli import main
 from dcdit_platform.config import build_config
 from dcdit_platform.evaluation import protocol_slug
-from dcdit_platform.report import build_report, pareto_front, protocol_id
+from dcdit_platform.reports import build_report
 from dcdit_platform.tracking import Tracker
 from dcdit_platform.training import plan_run, run_local
-from helpers.browser import Chromium, chromium_binary
 from helpers.reports import PROTOCOL_A, PROTOCOL_B, evaluation_metrics, log_evaluation, log_training
 from helpers.training import tiny_config
 
@@ -271,16 +270,6 @@ def test_cli_json_and_one_line_errors(sweep, tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "no MLflow run named 'no-such-sweep'" in err[0]
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("Chromium is not installed (.ci/run installs the Debian package `chromium`)")
-    chromium = Chromium(binary, tmp_path_factory.mktemp("chromium"))
-    yield chromium
-    chromium.close()
-
-
 def test_report_renders_in_headless_chromium(sweep, browser, tmp_path):
     page = sweep["out"] / "report.html"
     rendered = browser.render(page, tmp_path / "report.png")
@@ -303,19 +292,3 @@ def test_the_browser_check_catches_broken_pages(browser, tmp_path):
     empty = tmp_path / "empty.html"
     empty.write_text("<!DOCTYPE html><html><body></body></html>")
     assert browser.render(empty, tmp_path / "empty.png").blank()
-
-
-def test_pareto_front_and_protocol_identity():
-    points = [(0, 1.0, 10.0), (1, 2.0, 8.0), (2, 2.0, 9.0), (3, 3.0, 8.0), (4, 0.5, 12.0)]
-    assert pareto_front(points) == {0, 1, 4}
-    base = {"num_samples": "256", "sampler": "ddim", "steps": "25", "cfg_scale": "1", "lite_cfg": "false",
-            "extractor": "x", "weights_sha256": "1e5", "reference_id": "r", "seed": "0", "num_classes": "4",
-            "image_size": "8", "vae": "none"}
-    same = {**base, "cfg_scale": "1.0"}
-    from dcdit_platform.report import _norm
-
-    normalised = [{k: _norm(k, v) for k, v in p.items()} for p in (base, same)]
-    assert protocol_id(normalised[0]) == protocol_id(normalised[1])  # cfg 1 and 1.0 are one protocol
-    assert _norm("weights_sha256", "1e5") == "1e5"  # a hex digest is never read as a number
-    other = {**base, "num_samples": "64"}
-    assert protocol_id({k: _norm(k, v) for k, v in other.items()}) != protocol_id(normalised[0])
