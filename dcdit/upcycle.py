@@ -19,6 +19,7 @@ from dcdit.config import PRESETS, ModelConfig, from_dict, preset
 from dcdit.errors import DCDiTError
 from dcdit.models.dcdit import DCDiT
 from dcdit.models.dit import DiT
+from dcdit.models.family import family_of
 from dcdit.pretrained import load_dit
 
 # Modules DiT and DC-DiT share by name and meaning; everything else in either model is specific to it.
@@ -122,10 +123,15 @@ def _target_config(dit: ModelConfig, target: str | ModelConfig | None, changes: 
         raise DCDiTError(f"upcycle target must be a preset name like 'DC-DiT-XL' or a ModelConfig, "
                          f"got {type(target).__name__}")
     config = config.replace(**changes) if changes else config
-    if config.arch != "dcdit":
+    if not _builds_dcdit(config.arch):
         raise DCDiTError(f"upcycle target has arch={config.arch!r}; upcycling builds a DC-DiT, "
                          f"pick a DC-DiT preset such as 'DC-DiT-XL'")
     return config
+
+
+def _builds_dcdit(arch: str) -> bool:
+    """Upcycling copies into a `DCDiT`: a target is a config of a family built on that class."""
+    return family_of(arch).model_class is DCDiT
 
 
 def _check_fit(source: dict[str, torch.Tensor], target: dict[str, torch.Size], dit: ModelConfig,
@@ -155,7 +161,7 @@ def _check_fit(source: dict[str, torch.Tensor], target: dict[str, torch.Size], d
 def _size_hint(dit: ModelConfig) -> str:
     size = (dit.depth, dit.hidden_size, dit.num_heads)
     names = [name for name, p in PRESETS.items()
-             if p["arch"] == "dcdit" and (p["depth"], p["hidden_size"], p["num_heads"]) == size]
+             if _builds_dcdit(p["arch"]) and (p["depth"], p["hidden_size"], p["num_heads"]) == size]
     return f"use target='{names[0]}' (the DiT's size)" if names else "pass target=None to match the DiT's size"
 
 

@@ -101,6 +101,11 @@ def test_depth_mismatch_names_missing_blocks(dit):
         upcycle(dit, target(depth=1))
 
 
+def test_a_dit_target_is_refused(dit):
+    with pytest.raises(DCDiTError, match="upcycle target has arch='dit'; upcycling builds a DC-DiT"):
+        upcycle(dit, ModelConfig(arch="dit", patch_size=2, **TINY))
+
+
 def test_heads_mismatch_is_refused_though_shapes_agree(dit):
     with pytest.raises(DCDiTError, match="num_heads=2"):
         upcycle(dit, target(num_heads=4))
