@@ -61,6 +61,16 @@ def _ray_train_workers(address: str) -> list[int]:
     return [a.pid for a in actors]
 
 
+def _assert_same_weights_as_the_reference(ray_run: dict, reference_run, step: int) -> None:
+    """The checkpoint of `step` on S3 holds the weights (model and EMA) the in-process reference run has there."""
+    local = ray_run["tmp"] / f"step{step}"
+    local.mkdir()
+    ray_run["storage"].download(f"checkpoint_{step:08d}", str(local))
+    model, ema = load_weights(local)
+    model_ref, ema_ref = reference_run[2][step]
+    assert max_abs_diff(model, model_ref) <= 1e-6 and max_abs_diff(ema, ema_ref) <= 1e-6
+
+
 @pytest.fixture(scope="module")
 def ray_run(ray_cluster, s3_server, mlflow_server, tmp_path_factory):
     """Part 1: `dcdit train` to step 8 on S3, one worker SIGKILLed after the first checkpoint."""
@@ -122,12 +132,7 @@ def test_a_sigkilled_worker_is_restarted_from_the_latest_checkpoint(ray_run, ref
             "dcdit_run.json"} <= set(storage.listdir())
     assert {"MANIFEST.json", "model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"} <= \
         set(storage.listdir("checkpoint_00000008"))
-    local = ray_run["tmp"] / "step8"
-    local.mkdir()
-    storage.download("checkpoint_00000008", str(local))
-    model, ema = load_weights(local)
-    model_ref, ema_ref = reference_run[2][8]
-    assert max_abs_diff(model, model_ref) <= 1e-6 and max_abs_diff(ema, ema_ref) <= 1e-6
+    _assert_same_weights_as_the_reference(ray_run, reference_run, 8)
 
 
 def test_resume_from_an_older_checkpoint_is_exact_and_leaks_no_secret(ray_run, reference_run, monkeypatch):
@@ -148,12 +153,7 @@ def test_resume_from_an_older_checkpoint_is_exact_and_leaks_no_secret(ray_run, r
     summary = second["summary"]
     assert summary["step"] == 12 and summary["mlflow_run_id"] == run_id
     assert summary["checkpoint"] == f"{ray_run['run_uri']}/checkpoint_00000012" and "train/loss" in summary["metrics"]
-    local = ray_run["tmp"] / "step12"
-    local.mkdir()
-    storage.download("checkpoint_00000012", str(local))
-    model, ema = load_weights(local)
-    model_ref, ema_ref = reference_run[2][12]
-    assert max_abs_diff(model, model_ref) <= 1e-6 and max_abs_diff(ema, ema_ref) <= 1e-6
+    _assert_same_weights_as_the_reference(ray_run, reference_run, 12)
 
     run = tracker.get_run(run_id)
     assert steps_logged(tracker, run_id) == list(range(1, 13))  # steps 7 and 8 ran again, logged once
