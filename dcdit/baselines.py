@@ -16,7 +16,8 @@ from typing import Literal
 
 from dcdit.config import ModelConfig
 from dcdit.errors import DCDiTError
-from dcdit.flops import count_params, dit_macs, dit_params
+from dcdit.flops import dit_macs, dit_params
+from dcdit.models import count_params
 from dcdit.models.family import family_of, forward_macs
 
 MatchRule = Literal["deepen", "widen"]

@@ -154,15 +154,6 @@ def dit_params(config: ModelConfig) -> int:
             + 2 * d * d + 2 * d + d * out + out)
 
 
-def count_params(config: ModelConfig) -> int:
-    """Trainable parameters of the model a config describes, counted on the meta device (no memory, no init cost)."""
-    from dcdit.models import build_model
-
-    with torch.device("meta"):
-        model = build_model(config)
-    return sum(p.numel() for p in model.parameters())
-
-
 # --- measured ------------------------------------------------------------------------------------------------------
 
 def _cpu_flash_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -240,6 +231,6 @@ def kept_fraction_of(kept: torch.Tensor, config: ModelConfig) -> float:
     return float(kept.double().mean()) / config.num_tokens
 
 
-__all__ = ["MacCount", "dit_macs", "dcdit_macs", "sampling_tflops", "dit_params", "count_params",
+__all__ = ["MacCount", "dit_macs", "dcdit_macs", "sampling_tflops", "dit_params",
            "flop_counter", "measure_macs", "calibrate_router", "kept_fraction_of"]
 

@@ -5,9 +5,9 @@ import torch
 
 from dcdit.baselines import flop_matched_dit, param_matched_dit
 from dcdit.config import ModelConfig, preset
-from dcdit.flops import (calibrate_router, count_params, dcdit_macs, dit_macs, dit_params, flop_counter,
+from dcdit.flops import (calibrate_router, dcdit_macs, dit_macs, dit_params, flop_counter,
                          measure_macs, sampling_tflops)
-from dcdit.models import build_model, forward_macs
+from dcdit.models import build_model, count_params, forward_macs
 
 # Peebles & Xie, Table 4: forward "Gflops" (multiply-accumulates) at 256px, latent 32x32.
 DIT_PAPER_GFLOPS = {

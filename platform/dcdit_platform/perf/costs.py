@@ -11,8 +11,8 @@ import torch
 from dcdit.baselines import flop_matched_dit, param_matched_dit
 from dcdit.config import preset
 from dcdit.errors import DCDiTError
-from dcdit.flops import calibrate_router, count_params, dcdit_macs, dit_macs, dit_params, measure_macs, sampling_tflops
-from dcdit.models import build_model, family_of, forward_macs
+from dcdit.flops import calibrate_router, dcdit_macs, dit_macs, dit_params, measure_macs, sampling_tflops
+from dcdit.models import build_model, count_params, family_of, forward_macs
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,7 @@ import numpy as np
 
 from dcdit.config import ModelConfig, from_dict
 from dcdit.errors import DCDiTError
-from dcdit.flops import count_params
+from dcdit.models import count_params
 from dcdit.models.family import FAMILIES
 from dcdit_platform.config import parse_yaml
 from dcdit_platform.reports.protocols import protocol_of

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dcdit.errors import DCDiTError
-from dcdit.models import forward_macs
+from dcdit.models import count_params, forward_macs
 from dcdit_platform.sweeps import SweepPlan, load_sweep, run_sweep
 from dcdit_platform.sweeps.placement import TrialFootprint, resolve_max_concurrent, trials_that_fit
 from dcdit_platform.sweeps.spec import TRIAL_CPUS
@@ -172,7 +172,7 @@ def test_derived_baselines_match_parameters_and_flops(tmp_path):
     assert list(trials) == ["DC-DiT-B_N4", "DC-DiT-B_N16", "DiT-B_2", "DiT-B_2_param-matched",
                             "DiT-B_2_flop-matched", "DiT-B_4_param-matched", "DiT-B_4_flop-matched"]
     pm = trials["DiT-B_2_param-matched"].config.model
-    assert pm.depth == 13 and abs(flops.count_params(pm) / 141e6 - 1) < 0.01  # v1's parameter-matched DiT-B
+    assert pm.depth == 13 and abs(count_params(pm) / 141e6 - 1) < 0.01  # v1's parameter-matched DiT-B
     for name, n in (("DiT-B_2_flop-matched", 4), ("DiT-B_4_flop-matched", 16)):
         model = trials[name].config.model
         dc = trials[f"DC-DiT-B_N{n}"].config.model
