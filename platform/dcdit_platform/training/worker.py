@@ -1,9 +1,6 @@
 """The training loop one worker runs: `train_worker` under Ray Train, `run_worker` under any session. It reads as
 build -> restore -> for each step: batch, step, EMA, metrics, log, checkpoint; each part lives in its own module.
-
-Resumption is exact and idempotent: every micro-batch seeds the global RNG from (seed, step, its position in the
-global batch), and the data cursor, optimizer, EMA, step, per-rank RNG states and MLflow run id come from the
-checkpoint; steps MLflow already holds are not logged again.
+Resumption is exact: micro-batches are seeded by (seed, step, index), everything else comes from the checkpoint.
 """
 
 from __future__ import annotations
