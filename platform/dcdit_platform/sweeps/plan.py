@@ -17,13 +17,11 @@ from dcdit.config import from_dict
 from dcdit.errors import DCDiTError
 from dcdit_platform.config import (StorageSection, TrackingSection, apply_overrides, build_config, check_config_key,
                                    defining_file, load_yaml_tree, set_dotted)
-from dcdit_platform.evaluation import EvalConfig
 from dcdit_platform.secrets import redact
 from dcdit_platform.storage import open_storage
 from dcdit_platform.sweeps.placement import TrialFootprint
 from dcdit_platform.sweeps.spec import TRIAL_CPUS, SweepSpec, check_name, parse_sweep
 from dcdit_platform.sweeps.trials import TrialSpec, expand_trials
-from dcdit_platform.tracking import default_tracking_uri
 
 # EvalConfig fields a sweep's protocol may not set: the sweep decides them per trial.
 EVAL_FIXED = ("checkpoint", "storage", "tracking_uri", "track", "address", "export_npz")
@@ -69,6 +67,9 @@ def load_sweep(path: str | os.PathLike, *, name: str | None = None, overrides: S
     common.pop("name", None)
 
     sweep_name = check_name(name or spec.name or _stem(path), "--name" if name else "name")
+    # MLflow (about 1 s of imports) only once the sweep file parsed: `dcdit sweep` reports a bad file without it.
+    from dcdit_platform.tracking import default_tracking_uri
+
     storage_section = from_dict(StorageSection, common.get("storage") or {}, prefix="storage")
     tracking_section = from_dict(TrackingSection, common.get("tracking") or {}, prefix="tracking")
     root = open_storage(storage_section.uri, storage_section.options() or None)
@@ -156,6 +157,9 @@ def _build_trial_configs(trials: list[TrialSpec], sweep_name: str, sweep_uri: st
 
 def eval_protocol(protocol: dict[str, Any], resources) -> dict[str, Any]:
     """The sweep's evaluation settings as EvalConfig keyword arguments (validated); workers default to the trial's."""
+    # The evaluator (about 2 s of imports: feature extractors, plotting) only for sweeps that evaluate.
+    from dcdit_platform.evaluation import EvalConfig
+
     for key in protocol:
         if key in EVAL_FIXED:
             raise DCDiTError(f"evaluation.{key} is set by the sweep for every trial; remove it")

@@ -106,7 +106,7 @@ def trial_main(config: dict, ctx: TrialContext) -> None:
     latest = latest_checkpoint_state(state.storage.child(name))
     resumed_from = latest[0] if latest else None
 
-    # The Train run's progress lines go to the trial's stderr as they are (Ray forwards them to the driver).
+    # The Train run's progress lines go to the trial's stderr as `dcdit train: ...` (Ray forwards them to the driver).
     summary = run_training(plan, callbacks=[TuneReportCallback()], echo=console.echo("train"))
     metrics = dict(summary.get("metrics") or {})
     evaluation = None
