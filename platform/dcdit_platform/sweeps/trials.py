@@ -151,13 +151,13 @@ def _baselines(entry: BaselineSpec, spec: SweepSpec, base_model, label: str) -> 
     stem = label.replace("DC-DiT", "DiT", 1) if label.startswith("DC-DiT") else "DiT"
     if entry.derive:
         return _derived_baselines(entry.derive, spec, base_model, stem)
+    geometry = {k: getattr(base_model, k) for k in GEOMETRY_FIELDS}
     if isinstance(entry.model, str):
-        geometry = {k: getattr(base_model, k) for k in GEOMETRY_FIELDS}
         return [_Baseline(entry.name or entry.model.replace("/", "_"), {"preset": entry.model, **geometry},
                           entry.overrides, {"model.preset": entry.model, **entry.overrides})]
     model = dict(entry.model)
     if "preset" in model:
-        tree_model = {**{k: getattr(base_model, k) for k in GEOMETRY_FIELDS}, **model}
+        tree_model = {**geometry, **model}
     else:
         tree_model = {**baseline_fields(base_model), **model}
     name = entry.name or f"{stem}_{tree_model.get('patch_size', base_model.patch_size)}"
