@@ -77,6 +77,7 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 def eval_command(args: argparse.Namespace) -> int:
     from dcdit_platform.evaluation import EvalConfig, evaluate
+    from dcdit_platform.evaluation.outputs import format_table
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     cfg = EvalConfig(
@@ -92,31 +93,5 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
     else:
-        print(_table(summary), flush=True)
+        print(format_table(summary), flush=True)
     return 0
-
-
-def _table(summary: dict) -> str:
-    lines = [f"checkpoint {summary['checkpoint']} (step {summary['step']}): {summary['num_samples']} samples, "
-             f"{summary['sampler']} {summary['steps']} steps, cfg {summary['cfg_scale']:g}"
-             + (", Lite-CFG" if summary["lite_cfg"] else "") + f", reference {summary['reference']}"]
-    entries = summary.get("sweep") or [summary]
-    keys = [k for k in ("fid", "fd", "sfid", "is_mean", "kid_mean", "kd_mean", "precision", "recall",
-                        "class_accuracy", "gflops_per_image") if any(k in e for e in entries)]
-    lines.append("  " + "  ".join(f"{k:>14}" for k in ["rho", *keys]))
-    for e in entries:
-        cells = [e.get("rho") if "sweep" in summary else summary.get("rho")] + [e.get(k) for k in keys]
-        lines.append("  " + "  ".join(f"{_fmt(c):>14}" for c in cells))
-    lines.append(f"  results: {summary['result_uri']}")
-    if summary.get("export_npz"):
-        lines.append(f"  samples: {summary['export_npz']}")
-    return "\n".join(lines)
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.5g}"
-    return str(value)
-

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from dcdit_platform.console import print_json
+from dcdit_platform.console import print_json, warn
 
 
 def register(subparsers) -> None:
@@ -35,7 +34,7 @@ def fid_command(args: argparse.Namespace) -> int:
     out = fid_between(args.input1, args.input2, extractor=args.extractor, weights=args.weights,
                       batch_size=args.batch_size, save_stats=args.save_stats)
     for message in out.get("warnings", ()):
-        print(f"dcdit fid: warning: {message}", file=sys.stderr, flush=True)
+        warn("fid", message)
     if args.json:
         print_json(out)
     else:
