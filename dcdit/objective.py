@@ -72,12 +72,13 @@ class StepLoss:
 
 
 class TrainingObjective:
-    """Diffusion loss for DiT; diffusion + lambda * ratio loss for DC-DiT (mask taken before tail dropping)."""
+    """Diffusion loss for DiT; diffusion + lambda * ratio loss for a routed model such as DC-DiT (mask taken
+    before tail dropping). `routed` is the model family's `routed` (dcdit.models.family_of(config).routed)."""
 
-    def __init__(self, diffusion, *, is_dcdit: bool, downsample_factor: float | None = None,
+    def __init__(self, diffusion, *, routed: bool, downsample_factor: float | None = None,
                  chunking: ChunkingLossConfig | None = None, seed: int = 0):
         self.diffusion = diffusion
-        self.is_dcdit = is_dcdit
+        self.routed = routed
         self.downsample_factor = downsample_factor
         self.chunking = chunking or ChunkingLossConfig()
         self.seed = seed
@@ -86,7 +87,7 @@ class TrainingObjective:
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         xt = self.diffusion.q_sample(x0, t, noise)
-        if not self.is_dcdit:
+        if not self.routed:
             output = model(xt, t, y)
             terms = self.diffusion.training_losses(output, x0, xt, t, noise)
             diffusion_loss = terms["loss"].mean()

@@ -107,7 +107,7 @@ def build_case(name: str, precision: str, args: BenchSettings, *, reference: boo
     x = torch.randn(args.batch, config.in_channels, config.input_size, config.input_size, generator=gen)
     y = torch.randint(0, config.num_classes, (args.batch,), generator=gen)
     routed = family_of(config).routed
-    objective = TrainingObjective(create_diffusion(), is_dcdit=routed, downsample_factor=config.downsample_factor)
+    objective = TrainingObjective(create_diffusion(), routed=routed, downsample_factor=config.downsample_factor)
     kept_fraction = None
     if routed:
         fraction = (1.0 / config.downsample_factor if args.kept_fraction is None else args.kept_fraction)

@@ -25,7 +25,7 @@ from dcdit_platform.training.state import TrainState
 def build_objective(config: ExperimentConfig) -> TrainingObjective:
     """The diffusion loss, plus lambda x the ratio loss for a model with a router."""
     diffusion = create_diffusion(num_timesteps=config.diffusion.num_timesteps, learn_sigma=config.model.learn_sigma)
-    return TrainingObjective(diffusion, is_dcdit=family_of(config.model).routed,
+    return TrainingObjective(diffusion, routed=family_of(config.model).routed,
                              downsample_factor=config.model.downsample_factor, chunking=config.train.chunking,
                              seed=config.seed)
 
