@@ -88,15 +88,18 @@ def boundary_probs(router: nn.Module, grid: torch.Tensor) -> torch.Tensor:
 def tail_drop_mask(mask: torch.Tensor, probs: torch.Tensor, rho: float | torch.Tensor | None) -> torch.Tensor:
     """Elastic inference: of each sample's kept tokens, drop the floor(rho * kept) with the lowest p.
 
-    `rho` is a scalar or a per-sample (B,) tensor in [0, 1). Ties in p drop the earlier token in raster order.
+    `rho` is a scalar or a per-sample (B,) tensor in [0, 1), read to 6 decimal places: a float32 0.9 (Lite-CFG's
+    per-sample tensor) is 0.89999998, and floor(0.89999998 * 10) would drop 8 tokens instead of 9. Ties in p drop
+    the earlier token in raster order.
     """
     if rho is None:
         return mask
-    rho = torch.as_tensor(rho, dtype=torch.float64, device=mask.device).expand(mask.shape[0])
+    rho = torch.as_tensor(rho, device=mask.device).to(torch.float64).expand(mask.shape[0])
     if bool(((rho < 0) | (rho >= 1)).any()):
         raise ValueError(f"tail-drop fraction must be in [0, 1), got {rho.tolist()}")
+    rho = torch.round(rho * 1e6) / 1e6
     kept = mask.sum(1)
-    # The small epsilon keeps floor(0.3 * 10) at 3 despite 0.3 * 10 = 3.0000000000000004 style rounding.
+    # The small epsilon keeps floor(0.3 * 10) at 3 despite 0.3 * 10 = 2.9999999999999996 style rounding.
     n_drop = torch.floor(rho * kept.double() + 1e-9).long()
     scores = torch.where(mask, probs.detach(), torch.full_like(probs, float("inf")))
     rank = torch.argsort(torch.argsort(scores, dim=1, stable=True), dim=1)

@@ -95,6 +95,18 @@ def test_tail_drop_removes_floor_rho_kept_lowest_probability_tokens_per_sample()
         tail_drop_mask(mask, probs, 1.0)
 
 
+def test_tail_drop_fractions_mean_their_decimal_value_even_as_float32():
+    """Lite-CFG hands the model a float32 tensor: 0.9 of 10 kept tokens is 9 dropped (float32 0.9 * 10 < 9)."""
+    mask = torch.zeros(3, 40, dtype=torch.bool)
+    mask[:, :10] = True
+    mask[2, :30] = True
+    probs = torch.linspace(0.5, 1.0, 40).expand(3, 40).contiguous()
+    for dtype in (torch.float32, torch.float64):
+        rho = torch.tensor([0.9, 0.3, 0.9], dtype=dtype)
+        dropped = tail_drop_mask(mask, probs, rho)
+        assert (mask.sum(1) - dropped.sum(1)).tolist() == [9, 3, 27]
+
+
 def brute_force_dechunk(h, p, coords, lengths, sigma):
     out = np.zeros_like(h, dtype=np.float64)
     start = 0
