@@ -273,8 +273,10 @@ def test_two_node_cluster_runs_trials_on_both_nodes_and_survives_losing_one(tmp_
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     sweep = tmp_path / "sweep.yaml"
     # 0.9 CPU per worker: each 1-CPU node holds one trial's worker, so two trials run at once, one per node.
+    # 120 steps: the trial on the second node must still be training when the node goes (an idle 2-core machine
+    # runs 24 steps in about a second, less than the wait below).
     sweep.write_text(f"_base_: {SMOKE}\n"
-                     "overrides: {train.steps: 24, checkpoint.every: 4, logging.every: 4, logging.sample_count: 2,"
+                     "overrides: {train.steps: 120, checkpoint.every: 8, logging.every: 8, logging.sample_count: 2,"
                      " logging.sample_steps: 2}\n"
                      "resources: {num_workers: 1, cpus_per_worker: 0.9}\n")
     storage, experiment = tmp_path / "runs", f"sweep-nodes-{uuid.uuid4().hex[:6]}"
