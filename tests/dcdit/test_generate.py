@@ -13,14 +13,14 @@ from dcdit.generate import SamplingPlan, generate, quantize, sample_labels, samp
 from dcdit.models import build_model
 
 SHAPE = (3, 8, 8)
+FAMILY_FIELDS = {"dit": {"patch_size": 2},
+                 "dcdit": {"scaffold_width": 16, "encoder_blocks": 1, "decoder_blocks": 1, "downsample_factor": 2}}
 
 
 def tiny(arch: str) -> torch.nn.Module:
     """A tiny model whose zero-initialised output layers are perturbed, so samples depend on weights and labels."""
     fields = {"arch": arch, "depth": 1, "hidden_size": 32, "num_heads": 2, "input_size": 8, "in_channels": 3,
-              "num_classes": 4}
-    fields.update({"patch_size": 2} if arch == "dit" else
-                  {"scaffold_width": 16, "encoder_blocks": 1, "decoder_blocks": 1, "downsample_factor": 2})
+              "num_classes": 4, **FAMILY_FIELDS[arch]}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build_model(ModelConfig(**fields))

@@ -13,13 +13,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch_fidelity.feature_extractor_inceptionv3 as tfi
+from PIL import Image
+
+from dcdit.checkpoint import checkpoint_dir, save_checkpoint
+from dcdit.models import build_model
+from dcdit_platform.config import build_config
+
+
+# The fields of a tiny model that only its family reads (dcdit.models.family's own_fields).
+TINY_FAMILY_FIELDS = {
+    "dit": {"patch_size": 2},
+    "dcdit": {"scaffold_width": 16, "encoder_blocks": 1, "decoder_blocks": 1, "downsample_factor": 2},
+}
 
 
 @functools.lru_cache(maxsize=None)
 def random_inception_weights(directory: str, seed: int = 0) -> str:
     """Path of a seeded random-init Inception-v3 (torch-fidelity architecture) state dict under `directory`."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-
     path = Path(directory) / f"random-inception-seed{seed}.pth"
     if path.exists():
         return str(path)
@@ -55,8 +66,6 @@ def random_inception_weights(directory: str, seed: int = 0) -> str:
 
 def write_png_folder(directory: Path, images: np.ndarray) -> Path:
     """uint8 NHWC images as 000000.png, 000001.png, ... in `directory`."""
-    from PIL import Image
-
     directory.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         Image.fromarray(image).save(directory / f"{i:06d}.png")
@@ -68,16 +77,8 @@ def tiny_checkpoint(root: Path, *, arch: str = "dit", image_size: int = 8, num_c
                     num_samples: int = 64) -> Path:
     """A checkpoint of a tiny untrained model on the synthetic data, as `dcdit train` lays it out:
     {root}/{run_name}/checkpoint_{step:08d} with config.json (an experiment config) and state.json."""
-    from dcdit.checkpoint import checkpoint_dir, save_checkpoint
-    from dcdit.models import build_model
-    from dcdit_platform.config import build_config
-
     model = {"arch": arch, "depth": 1, "hidden_size": 32, "num_heads": 2, "input_size": image_size,
-             "in_channels": 3, "num_classes": num_classes}
-    if arch == "dit":
-        model["patch_size"] = 2
-    else:
-        model.update(scaffold_width=16, encoder_blocks=1, decoder_blocks=1, downsample_factor=2)
+             "in_channels": 3, "num_classes": num_classes, **TINY_FAMILY_FIELDS[arch]}
     data = {"name": run_name, "seed": seed, "model": model,
             "data": {"source": "synthetic", "image_size": image_size, "num_classes": num_classes,
                      "num_samples": num_samples},

@@ -8,6 +8,8 @@ image on this CPU, and its 2048-dimensional FID a few seconds.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -16,14 +18,19 @@ import signal
 import numpy as np
 import pytest
 
+from dcdit.data.synthetic import render
 from dcdit.errors import DCDiTError
-from dcdit.features import DOMAIN_EXTRACTOR, INCEPTION_WEIGHTS_FILE, file_sha256
+from dcdit.features import DOMAIN_EXTRACTOR, INCEPTION_WEIGHTS_FILE, build_extractor, file_sha256
+from dcdit.generate import sample_labels
+from dcdit.metrics import FeatureStats
 from dcdit_platform.cli import main
-from dcdit_platform.evaluate import (EvalConfig, ExtractorSpec, dataset_source, evaluate, reference_key,
-                                     sample_labels)
+from dcdit_platform.evaluation import EvalConfig, domain_classifier_path, evaluate
+from dcdit_platform.evaluation.extractors import ExtractorSpec
+from dcdit_platform.evaluation.references import reference_key
+from dcdit_platform.evaluation.sources import dataset_source
 from dcdit_platform.storage import open_storage
 from dcdit_platform.tracking import Tracker, default_tracking_uri
-from helpers.evaluation import random_inception_weights, tiny_checkpoint, write_png_folder
+from helpers.evaluation import tiny_checkpoint, write_png_folder
 
 # One protocol for every Inception run here: 8 samples in 4 shards of 2, batches of 2.
 PROTOCOL = dict(num_samples=8, sampler="ddim", sample_steps=2, batch_size=2, shard_size=2, reference_samples=10,
@@ -31,14 +38,13 @@ PROTOCOL = dict(num_samples=8, sampler="ddim", sample_steps=2, batch_size=2, sha
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, inception_weights):
     """Storage with a tiny DiT checkpoint whose state names a real MLflow run in the storage's SQLite store."""
     root = tmp_path_factory.mktemp("eval-storage")
     tracker = Tracker(default_tracking_uri(str(root)), retry_timeout_s=10)
     run_id = tracker.open_run(experiment="dcdit", run_name="tiny")
     ckpt = tiny_checkpoint(root, arch="dit", run_name="tiny", mlflow_run_id=run_id)
-    weights = random_inception_weights(str(tmp_path_factory.getbasetemp()))
-    return {"root": root, "ckpt": str(ckpt), "run_id": run_id, "weights": weights, "tracker": tracker}
+    return {"root": root, "ckpt": str(ckpt), "run_id": run_id, "weights": inception_weights, "tracker": tracker}
 
 
 def config(setup, **changes) -> EvalConfig:
@@ -49,9 +55,6 @@ def config(setup, **changes) -> EvalConfig:
 @pytest.fixture(scope="module")
 def baseline(ray_cluster, setup, tmp_path_factory):
     """`dcdit eval --json` with one actor, exporting the samples and logging to the checkpoint's MLflow run."""
-    import contextlib
-    import io
-
     export = tmp_path_factory.mktemp("export") / "samples.npz"
     argv = ["eval", setup["ckpt"], "--num-samples", "8", "--workers", "1", "--sampler", "ddim", "--sample-steps",
             "2", "--weights", setup["weights"], "--batch-size", "2", "--shard-size", "2", "--reference-samples",
@@ -129,8 +132,6 @@ def test_missing_weights_is_a_clear_error_before_any_work(setup, tmp_path, capsy
 
 
 def test_reference_cache_keys_change_with_data_and_weights(tmp_path):
-    from dcdit.data.synthetic import render
-
     folder = write_png_folder(tmp_path / "ref", render(np.arange(4), image_size=8).images)
     spec = ExtractorSpec("inception-v3-compat", "w.pth", "aa" * 32, identity={"weights_sha256": "aa" * 32})
     selection = {"count": 4, "pr_count": 4}
@@ -147,8 +148,6 @@ def test_reference_cache_keys_change_with_data_and_weights(tmp_path):
 def test_stale_cache_is_never_used_and_domain_fd(ray_cluster, setup, tmp_path):
     """After a reference image changes, its statistics get a new key and are recomputed, never read from the cache
     (reuse of an unchanged reference is checked by test_two_workers_give_the_same_numbers)."""
-    from dcdit.data.synthetic import render
-
     folder = write_png_folder(tmp_path / "ref", render(np.arange(12), seed=0, image_size=8, num_classes=4).images)
     cfg = EvalConfig(checkpoint=setup["ckpt"], extractor=DOMAIN_EXTRACTOR, reference=str(folder), workers=2,
                      track=False, storage=str(setup["root"]), **{**PROTOCOL, "reference_samples": 12,
@@ -166,11 +165,6 @@ def test_stale_cache_is_never_used_and_domain_fd(ray_cluster, setup, tmp_path):
 
 
 def test_domain_extractor_lite_cfg_tail_drop_sweep_on_dcdit_against_an_adm_style_npz(ray_cluster, setup, tmp_path):
-    from dcdit.data.synthetic import render
-    from dcdit.features import build_extractor
-    from dcdit.metrics import FeatureStats
-    from dcdit_platform.evaluate import domain_classifier_path
-
     # An ADM-style reference batch: mu/sigma of the "training set" (no counts) plus arr_0 images for PR/KID.
     classifier = domain_classifier_path(open_storage(str(setup["root"])), {
         "kind": "synthetic", "seed": 0, "image_size": 8, "num_classes": 4, "num_samples": 64})
