@@ -25,12 +25,31 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
+from PIL import Image
+from torch_fidelity.datasets import ImagesPathDataset
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import fid_features_to_statistics
+from torch_fidelity.utils import get_featuresdict_from_dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "platform"))
+from dcdit.data.synthetic import render
+from dcdit.features import build_extractor, inception_cache_path
+from dcdit.metrics import FeatureStats
+from dcdit_platform.evaluation.actors import ExtractTask, eval_actors
+from dcdit_platform.evaluation.extractors import prepare_extractor
+from dcdit_platform.evaluation.fid import fid_input
+from dcdit_platform.evaluation.pool import ActorPool
+from dcdit_platform.evaluation.protocol import shards_of
+from dcdit_platform.evaluation.sources import ArrayImages
+
+# The tests' offline Inception stand-in (after the packages above: tests/dcdit would shadow `dcdit` on the path).
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers.evaluation import random_inception_weights  # noqa: E402
 
 
 def interleaved(repeats: int, *fns) -> list[tuple[float, float]]:
@@ -56,22 +75,9 @@ def main() -> None:
     parser.add_argument("--weights", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    from torch_fidelity.datasets import ImagesPathDataset
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    from torch_fidelity.metric_fid import fid_features_to_statistics
-    from torch_fidelity.utils import get_featuresdict_from_dataset
-
-    from dcdit.data.synthetic import render
-    from dcdit.features import build_extractor, inception_cache_path
-    from dcdit.metrics import FeatureStats
-    from dcdit_platform.evaluate import fid_input, prepare_extractor
-
     work = Path(tempfile.mkdtemp(prefix="dcdit-bench-features-"))
     weights = args.weights or (str(inception_cache_path()) if inception_cache_path().is_file() else None)
     if weights is None:
-        from eval_support import random_inception_weights
-
         weights = random_inception_weights(str(work))
         print("(real Inception weights not cached: timing a seeded random stand-in of the same architecture)")
     images_nhwc = render(np.arange(args.images), image_size=args.size, num_classes=10).images
@@ -101,8 +107,6 @@ def main() -> None:
 
     folder = work / "png"
     folder.mkdir()
-    from PIL import Image
-
     for i, image in enumerate(images_nhwc):
         Image.fromarray(image).save(folder / f"{i:06d}.png")
     files = sorted(str(p) for p in folder.glob("*.png"))
@@ -139,23 +143,17 @@ def main() -> None:
 
 def ray_scaling(spec, images_nhwc: np.ndarray, args) -> tuple[float, float]:
     """Images/s of the evaluator's shard path with 1 and with 2 actors (both pools up, runs interleaved)."""
-    from dataclasses import replace
-
-    import ray
-
-    from dcdit_platform.evaluate import ActorPool, EvalWorker, ImageSource, shards_of
-
     # Logical CPUs for both pools at once (3 actors); only one pool computes at a time.
     ray.init(num_cpus=3 * args.threads, log_to_driver=False, logging_level="error")
     try:
         spec = replace(spec, blob=ray.put(Path(spec.weights_path).read_bytes()))
-        source = ImageSource("array", {"array": ray.put(images_nhwc)}, {"kind": "bench"}, len(images_nhwc), "bench")
+        source = ArrayImages(identity={"kind": "bench"}, size=len(images_nhwc), label="bench",
+                             array=ray.put(images_nhwc))
         shard = max(args.batch, len(images_nhwc) // 8)
-        tasks = [{"kind": "extract", "shard": i, "source": source, "indices": np.arange(a, b),
-                  "batch_size": args.batch, "return": ()}
+        tasks = [ExtractTask(shard=i, source=source, indices=np.arange(a, b), batch_size=args.batch)
                  for i, (a, b) in enumerate(shards_of(len(images_nhwc), shard))]
-        remote = ray.remote(EvalWorker).options(num_cpus=args.threads)
-        pools = [ActorPool(workers, lambda: remote.remote(spec, None, args.threads)) for workers in (1, 2)]
+        make_actor = eval_actors(spec, None, cpus=args.threads, gpu=False)
+        pools = [ActorPool(workers, make_actor) for workers in (1, 2)]
         for pool in pools:
             list(pool.run(tasks[:len(pool.actors)]))  # warm-up: every actor extracts once
         timings = interleaved(args.repeats, *(lambda p=pool: list(p.run(tasks)) for pool in pools))
