@@ -173,17 +173,12 @@ def format_table(summary: dict) -> str:
     lines.append("  " + "  ".join(f"{k:>14}" for k in ["rho", *keys]))
     for e in entries:
         cells = [e.get("rho") if "sweep" in summary else summary.get("rho")] + [e.get(k) for k in keys]
-        lines.append("  " + "  ".join(f"{_fmt(c):>14}" for c in cells))
+        lines.append("  " + "  ".join(f"{_cell(c):>14}" for c in cells))
     lines.append(f"  results: {summary['result_uri']}")
     if summary.get("export_npz"):
         lines.append(f"  samples: {summary['export_npz']}")
     return "\n".join(lines)
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.5g}"
-    return str(value)
-
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.5g}" if isinstance(value, float) else str(value)
