@@ -81,6 +81,24 @@ def main() -> None:
         weights = random_inception_weights(str(work))
         print("(real Inception weights not cached: timing a seeded random stand-in of the same architecture)")
     images_nhwc = render(np.arange(args.images), image_size=args.size, num_classes=10).images
+    spec, _ = prepare_extractor("inception-v3-compat", weights)
+    rows = in_process_rows(args, weights, spec, images_nhwc, work)
+    scaling = ray_scaling(spec, images_nhwc, args)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+    print(f"\nfeature extraction, {args.images} images of {args.size}x{args.size} -> 299x299, batch {args.batch}, "
+          f"{args.threads} torch thread(s) per process, {os.cpu_count()} CPUs, best of {args.repeats}, "
+          f"load average {load:.1f}")
+    print(f"{'':24}{'torch-fidelity img/s':>21}{'dcdit img/s':>13}{'ratio (wall)':>14}{'ratio (CPU)':>13}")
+    for name, a, b, r, rc in rows:
+        print(f"{name:24}{a:21.2f}{b:13.2f}{r:14.3f}{rc:13.3f}")
+    print(f"{'':24}{'1 worker img/s':>21}{'2 workers img/s':>17}{'ratio (wall)':>14}")
+    print(f"{'Ray actors (shards)':24}{scaling[0]:21.2f}{scaling[1]:17.2f}{scaling[1] / scaling[0]:14.3f}")
+    print("ratios > 1: dcdit faster; goal >= 0.9 (overhead <= 10%). CPU ratio: CPU seconds of this process.")
+
+
+def in_process_rows(args, weights: str, spec, images_nhwc: np.ndarray, work: Path) -> list[tuple]:
+    """Rows 1 and 2: (name, torch-fidelity img/s, dcdit img/s, wall ratio, CPU ratio) in this process."""
     images = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2).contiguous()
 
     theirs_net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
@@ -115,8 +133,6 @@ def main() -> None:
         feats = get_featuresdict_from_dataset(ImagesPathDataset(files), theirs_net, args.batch, False, True, False)
         fid_features_to_statistics(feats["2048"])
 
-    spec, _ = prepare_extractor("inception-v3-compat", weights)
-
     def ours_folder():
         fid_input(str(folder), ours, spec, batch_size=args.batch)
 
@@ -126,19 +142,7 @@ def main() -> None:
                                   ("PNG folder, 1 process", theirs_folder, ours_folder)):
         (tw, tc), (ow, oc) = interleaved(args.repeats, theirs, ours_fn)
         rows.append((name, n / tw, n / ow, tw / ow, tc / oc))
-
-    scaling = ray_scaling(spec, images_nhwc, args)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-    print(f"\nfeature extraction, {n} images of {args.size}x{args.size} -> 299x299, batch {args.batch}, "
-          f"{args.threads} torch thread(s) per process, {os.cpu_count()} CPUs, best of {args.repeats}, "
-          f"load average {load:.1f}")
-    print(f"{'':24}{'torch-fidelity img/s':>21}{'dcdit img/s':>13}{'ratio (wall)':>14}{'ratio (CPU)':>13}")
-    for name, a, b, r, rc in rows:
-        print(f"{name:24}{a:21.2f}{b:13.2f}{r:14.3f}{rc:13.3f}")
-    print(f"{'':24}{'1 worker img/s':>21}{'2 workers img/s':>17}{'ratio (wall)':>14}")
-    print(f"{'Ray actors (shards)':24}{scaling[0]:21.2f}{scaling[1]:17.2f}{scaling[1] / scaling[0]:14.3f}")
-    print("ratios > 1: dcdit faster; goal >= 0.9 (overhead <= 10%). CPU ratio: CPU seconds of this process.")
+    return rows
 
 
 def ray_scaling(spec, images_nhwc: np.ndarray, args) -> tuple[float, float]:
