@@ -26,6 +26,8 @@ from dcdit.data.synthetic import render
 from dcdit.errors import DCDiTError
 from dcdit.features.extractor import DOMAIN_EXTRACTOR, FEATURES_VERSION, Extractor, file_sha256
 
+METADATA_KEY = "dcdit"  # the safetensors metadata key holding {format, config, meta}
+
 
 def _stage(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(min(8, c_out), c_out), nn.SiLU(),
@@ -62,13 +64,16 @@ class DomainClassifier(nn.Module):
                 "feature_dim": self.feature_dim}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """One safetensors file; the architecture and training record travel in its metadata."""
+        """One safetensors file; the architecture and training record travel in its metadata.
+
+        The metadata is ONE key holding sorted JSON: safetensors writes several keys in a per-process random order,
+        so the same weights would give other file bytes, another sha256 and another protocol id on every retrain."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(tmp), metadata={"format": DOMAIN_EXTRACTOR, "config": json.dumps(self.config()),
-                                             "meta": json.dumps(self.meta, sort_keys=True)})
+        record = {"format": DOMAIN_EXTRACTOR, "config": self.config(), "meta": self.meta}
+        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(record, sort_keys=True)})
         os.replace(tmp, path)
         return path
 
@@ -83,10 +88,14 @@ class DomainClassifier(nn.Module):
         except Exception as err:  # safetensors' own error type for non-safetensors files
             raise DCDiTError(f"{path} is not a saved domain classifier ({' '.join(str(err).split())[:120]})") \
                 from None
-        if metadata.get("format") != DOMAIN_EXTRACTOR:
+        if METADATA_KEY in metadata:
+            record = json.loads(metadata[METADATA_KEY])
+        else:  # files written before the metadata became one key
+            record = {k: json.loads(v) if k != "format" else v for k, v in metadata.items()}
+        if record.get("format") != DOMAIN_EXTRACTOR:
             raise DCDiTError(f"{path} is not a saved {DOMAIN_EXTRACTOR} (metadata format "
-                             f"{metadata.get('format')!r})")
-        model = cls(**json.loads(metadata["config"]), meta=json.loads(metadata.get("meta", "{}")))
+                             f"{record.get('format')!r})")
+        model = cls(**record["config"], meta=record.get("meta", {}))
         model.load_state_dict(state)
         model.meta["weights_sha256"] = file_sha256(path)
         return model.eval().requires_grad_(False)

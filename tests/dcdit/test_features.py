@@ -3,10 +3,14 @@ synthetic-data domain classifier (trains, caches by key, round-trips, plugs into
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import urllib.error
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from dcdit.errors import DCDiTError
 from dcdit.features import (DOMAIN_EXTRACTOR, INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_URL, DomainClassifier,
@@ -106,3 +110,27 @@ def test_domain_classifier_resizes_other_resolutions():
     features, logits = model(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
     assert features.shape == (2, 128) and logits.shape == (2, 3)
     assert torch.isfinite(features).all()
+
+
+def test_saved_domain_classifier_is_the_same_file_in_every_process(tmp_path):
+    """Its sha256 names the feature space in every protocol id, so equal weights must give equal bytes (safetensors
+    writes several metadata keys in a per-process random order; three processes would differ 5 times in 6)."""
+    script = ("import sys, torch; from dcdit.features import DomainClassifier; torch.manual_seed(0); "
+              "m = DomainClassifier(num_classes=3, image_size=8); m.meta = {'a': 1, 'b': 2, 'c': 3}; "
+              "m.save(sys.argv[1])")
+    paths = [tmp_path / f"dc{i}.safetensors" for i in range(3)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=120)
+    assert len({p.read_bytes() for p in paths}) == 1
+    assert DomainClassifier.load(paths[0]).meta["b"] == 2
+
+
+def test_domain_classifier_files_written_with_several_metadata_keys_still_load(tmp_path):
+    torch.manual_seed(0)
+    model = DomainClassifier(num_classes=3, image_size=8)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "old.safetensors"), metadata={
+        "format": DOMAIN_EXTRACTOR, "config": json.dumps(model.config()), "meta": json.dumps({"seed": 4})})
+    loaded = DomainClassifier.load(tmp_path / "old.safetensors")
+    assert loaded.meta["seed"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
