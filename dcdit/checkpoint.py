@@ -7,12 +7,10 @@ Copying the directory to remote storage is the platform's job; nothing here know
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
 import os
-import pickle
 import random
 import re
 import time
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 
 from dcdit.errors import DCDiTError
+from dcdit.safeload import load_weights_only
 
 MANIFEST = "MANIFEST.json"
 MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE = (
@@ -271,28 +270,6 @@ def load_checkpoint(directory: str | os.PathLike, *, verify: bool = True,
         raise DCDiTError(f"checkpoint {directory} is corrupt: invalid JSON ({err})") from None
     return Checkpoint(path=directory, model_state=tensors(MODEL_FILE), ema_state=tensors(EMA_FILE),
                       optimizer_state=optimizer_state, state=state, config=config, manifest=manifest)
-
-
-def load_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """torch.load restricted to tensors, primitives and containers; a pickle that needs code is refused, not run.
-
-    argparse.Namespace is allowed too: DiT/fast-DiT training checkpoints store their arguments as one, and it is
-    rebuilt from a plain attribute dict without running any code from the file.
-    """
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if found is None:  # a damaged or foreign file: an opcode the restricted unpickler does not know
-            detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-            raise DCDiTError(f"cannot read {path}: not a weights-only PyTorch file ({detail}); re-download it, "
-                             f"or convert it to safetensors in a trusted environment") from None
-        raise DCDiTError(f"refusing to load {path}: it contains pickled code ({found.group(1)}); convert it to "
-                         f"safetensors or a plain state dict (tensors only) in a trusted environment") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise DCDiTError(f"cannot read {path}: not a readable PyTorch file ({str(err).splitlines()[0]}); "
-                         f"re-download it") from None
 
 
 def is_checkpoint(directory: str | os.PathLike, *, verify: bool = False) -> bool:

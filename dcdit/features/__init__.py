@@ -9,18 +9,22 @@ extractor (FD).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
+import torchvision
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from dcdit.errors import DCDiTError, did_you_mean
 from dcdit.features.domain import DEFAULT_RECIPE, DomainClassifier, domain_classifier_key, train_domain_classifier
 from dcdit.features.extractor import (DOMAIN_EXTRACTOR, FEATURES_VERSION, INCEPTION, Extractor, as_uint8_nchw,
-                                      file_sha256)
+                                      checked_weights_copy, file_sha256)
 from dcdit.features.inception import (INCEPTION_DIMS, INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_URL,
                                       inception_cache_path, inception_extractor, inception_identity,
                                       resolve_inception_weights, validate_inception_weights)
+from dcdit.safeload import load_state_dict_file
 
 
 def build_extractor(name: str = INCEPTION, weights: str | os.PathLike | None = None, *, logits: bool = True,
@@ -44,9 +48,10 @@ def _torch_fidelity_extractor(name: str, weights, *, device, batch_size: int) ->
                          f"choose one of {', '.join(known)}")
     cls = FEATURE_EXTRACTORS_REGISTRY[name]
     layer = cls.get_default_feature_layer_for_metric("fid")
-    kwargs = {"feature_extractor_weights_path": str(weights)} if weights is not None else {}
     try:
-        net = cls(name, [layer], verbose=False, **kwargs).to(device).eval()
+        with _checked_weights(name, cls, weights) as path:
+            kwargs = {"feature_extractor_weights_path": path} if path is not None else {}
+            net = cls(name, [layer], verbose=False, **kwargs).to(device).eval()
     except NotImplementedError as err:
         raise DCDiTError(f"extractor {name} cannot be used here: {err}") from None
     except OSError as err:  # a download that failed offline
@@ -63,6 +68,27 @@ def _torch_fidelity_extractor(name: str, weights, *, device, batch_size: int) ->
     return Extractor(name, net, run, identity, {"pool": dim}, device=device, batch_size=batch_size)
 
 
+# torch-fidelity extractors whose weights file dcdit can check (names and shapes of this architecture) before
+# handing torch-fidelity a private copy; the others load files with code (TorchScript, torch.hub) or not at all.
+_CHECKABLE_WEIGHTS = {"FeatureExtractorVGG16": lambda: torchvision.models.vgg16()}
+
+
+@contextlib.contextmanager
+def _checked_weights(name: str, cls: type, weights) -> Iterator[str | None]:
+    """None without `weights` (torch-fidelity's own hash-checked download), else a private copy of the file's
+    tensors after a weights-only read and a check of every name and shape against the architecture."""
+    if weights is None:
+        yield None
+        return
+    architecture = _CHECKABLE_WEIGHTS.get(cls.__name__)
+    if architecture is None:
+        raise DCDiTError(f"extractor {name} cannot take --weights here (it would load the file as TorchScript or "
+                         f"code); run it without --weights, or use {INCEPTION}, {DOMAIN_EXTRACTOR} or vgg16")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in architecture().state_dict().items()}
+    state = load_state_dict_file(weights, expected=expected, what=f"{name} weights")
+    with checked_weights_copy(state) as path:
+        yield path
 
 
 __all__ = ["INCEPTION", "INCEPTION_WEIGHTS_FILE", "INCEPTION_WEIGHTS_URL", "DOMAIN_EXTRACTOR", "FEATURES_VERSION",

@@ -5,9 +5,11 @@ that changes the features (extractor, weights sha256, resizing) so that caches k
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,18 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _SHA_CACHE[key]
 
 
+@contextlib.contextmanager
+def checked_weights_copy(state: dict[str, torch.Tensor]) -> Iterator[str]:
+    """A private temporary file holding `state` (tensors only, already checked), for torch-fidelity extractors
+    that take a path and unpickle it with weights_only=False: they never open a file from outside."""
+    fd, path = tempfile.mkstemp(prefix="dcdit-weights-", suffix=".pth")
+    os.close(fd)
+    try:
+        torch.save(state, path)
+        yield path
+    finally:
+        os.unlink(path)
 
 
-__all__ = ["INCEPTION", "DOMAIN_EXTRACTOR", "FEATURES_VERSION", "Extractor", "as_uint8_nchw", "file_sha256"]
+__all__ = ["INCEPTION", "DOMAIN_EXTRACTOR", "FEATURES_VERSION", "Extractor", "as_uint8_nchw", "file_sha256",
+           "checked_weights_copy"]

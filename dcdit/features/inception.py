@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from dcdit.checkpoint import load_weights_only
 from dcdit.errors import DCDiTError
-from dcdit.features.extractor import FEATURES_VERSION, INCEPTION, Extractor, file_sha256
+from dcdit.features.extractor import FEATURES_VERSION, INCEPTION, Extractor, checked_weights_copy, file_sha256
+from dcdit.safeload import load_weights_only
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -62,21 +62,24 @@ def resolve_inception_weights(weights: str | os.PathLike | None = None, *, downl
     return cached
 
 
-def validate_inception_weights(path: str | os.PathLike) -> None:
-    """Refuse files that are not a plain Inception state dict (pickled code, other models) before torch-fidelity
-    loads them with weights_only=False."""
+def validate_inception_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The Inception state dict in `path`, read without running code; files that are not one (pickled code,
+    other models) are refused."""
     state = load_weights_only(path)
-    if not isinstance(state, dict) or f"{SPATIAL_MODULE}.conv.weight" not in state:
+    if not isinstance(state, dict) or f"{SPATIAL_MODULE}.conv.weight" not in state or not all(
+            isinstance(v, torch.Tensor) for v in state.values()):
         raise DCDiTError(f"{path} is not an Inception-v3 (torch-fidelity) state dict; pass the file "
                          f"{INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL}")
+    return state
 
 
 def inception_extractor(weights, *, logits: bool, spatial: bool, device, batch_size: int) -> Extractor:
     """The Inception extractor on the weights file `weights` (None: the torch.hub cache)."""
     path = resolve_inception_weights(weights)
-    validate_inception_weights(path)
     layers = ["2048", "logits_unbiased"] if logits else ["2048"]
-    net = FeatureExtractorInceptionV3(INCEPTION, layers, feature_extractor_weights_path=str(path))
+    # torch-fidelity unpickles its weights file with weights_only=False: it gets a copy of the checked tensors.
+    with checked_weights_copy(validate_inception_weights(path)) as checked:
+        net = FeatureExtractorInceptionV3(INCEPTION, layers, feature_extractor_weights_path=checked)
     net = net.to(device)
     captured: dict[str, torch.Tensor] = {}
     if spatial:

@@ -134,3 +134,28 @@ def test_domain_classifier_files_written_with_several_metadata_keys_still_load(t
     loaded = DomainClassifier.load(tmp_path / "old.safetensors")
     assert loaded.meta["seed"] == 4
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+class _CodeRunner:
+    """Unpickling this runs code that creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_other_extractor_weights_are_read_weights_only_and_checked_against_the_architecture(tmp_path):
+    """(A full VGG16 file is 528 MB: the accepted path is the one Inception takes in every evaluator test.)"""
+    marker = tmp_path / "ran"
+    torch.save({"features.0.weight": _CodeRunner(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(DCDiTError, match="pickled code"):
+        build_extractor("vgg16", tmp_path / "evil.pth")
+    assert not marker.exists()
+    torch.save({"features.0.weight": torch.zeros(2, 3, 3, 3)}, tmp_path / "partial.pth")
+    with pytest.raises(DCDiTError, match="does not hold the vgg16 weights"):
+        build_extractor("vgg16", tmp_path / "partial.pth")
+    with pytest.raises(DCDiTError, match="cannot take --weights"):  # TorchScript archives can run code
+        build_extractor("clip-vit-b-32", tmp_path / "partial.pth")
+
