@@ -16,7 +16,9 @@ from typing import Any, Literal
 from dcdit.errors import DCDiTError, did_you_mean
 
 Arch = Literal["dit", "dcdit"]
-RouterKind = Literal["predictability", "cosine"]
+# predictability (v2) and cosine (v1) are learned; random and grid are the controls at the same budget.
+RouterKind = Literal["predictability", "cosine", "random", "grid"]
+LEARNED_ROUTERS = ("predictability", "cosine")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,12 +39,15 @@ class ModelConfig:
     patch_size: int = 2
     # DC-DiT only.
     downsample_factor: float = 4.0  # target compression N: the router aims to keep 1/N of the tokens
-    router: RouterKind = "predictability"
+    router: RouterKind = "predictability"  # see dcdit.models.routers
     encoder_blocks: int = 2
     decoder_blocks: int = 2
     scaffold_width: int | None = None  # encoder/decoder width; None = hidden_size // 4
     dechunk_sigma: float = 1.0  # grid units; the paper suggests 2.0 at 512px
     cond_adaptor: bool = False  # upcycling: trainable LayerNorm on the conditioning fed to the scaffold
+    # Kept tokens' sin-cos positions in the coordinate frame of a DiT with this patch size (1: the token grid's own);
+    # an upcycled DC-DiT uses its teacher's, the frame its copied blocks were trained in.
+    position_patch_size: int = 1
 
     @property
     def out_channels(self) -> int:
@@ -93,6 +98,23 @@ class ModelConfig:
                    (self.encoder_blocks, self.decoder_blocks), "need at least one encoder and decoder block")
             _check(self.scaffold_channels % 4 == 0, "scaffold_width", self.scaffold_channels,
                    "must be divisible by 4 (the router works at a quarter of it)")
+            _check(self.position_patch_size >= 1 and self.input_size % self.position_patch_size == 0,
+                   "position_patch_size", self.position_patch_size, f"must divide input_size={self.input_size}")
+            if self.router == "grid":
+                side = self.grid_patch
+                _check(side * side == self.downsample_factor and self.input_size % side == 0, "downsample_factor",
+                       self.downsample_factor, f"must be p*p with p dividing input_size={self.input_size} for "
+                       "router='grid' (one kept token per p x p patch); use N = 4 or 16, or router='random'")
+
+    @property
+    def grid_patch(self) -> int:
+        """Side p of the patches of router='grid', whose N is p * p."""
+        return max(1, math.isqrt(round(self.downsample_factor)))
+
+    @property
+    def learned_router(self) -> bool:
+        """Whether the router has parameters trained through the STE gate and the ratio loss (not a control)."""
+        return self.arch == "dcdit" and self.router in LEARNED_ROUTERS
 
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -204,4 +226,4 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "from_dict", "to_dict"]
+__all__ = ["ModelConfig", "LEARNED_ROUTERS", "PRESETS", "preset", "from_dict", "to_dict"]

@@ -118,8 +118,10 @@ def dcdit_macs(config: ModelConfig, kept_fraction: float | None = None, *,
     if config.router == "predictability":
         inner = d // 4
         router = (d * inner + 9 * inner * inner + 9 * inner * inner + inner) * positions
-    else:  # cosine: q and k projections, then a depthwise 3x3 neighbour sum of the keys
+    elif config.router == "cosine":  # q and k projections, then a depthwise 3x3 neighbour sum of the keys
         router = (2 * d * d + 9 * d) * positions + 9 * positions
+    else:  # the random and grid controls draw noise: no multiply-accumulates
+        router = 0
     terms = {
         "patch_embed": 9 * config.in_channels * w * positions,
         "t_embedder": TIMESTEP_FREQUENCIES * d + d * d,

@@ -73,12 +73,17 @@ class StepLoss:
 
 class TrainingObjective:
     """Diffusion loss for DiT; diffusion + lambda * ratio loss for a routed model such as DC-DiT (mask taken
-    before tail dropping). `routed` is the model family's `routed` (dcdit.models.family_of(config).routed)."""
+    before tail dropping). `routed` is the model family's `routed` (dcdit.models.family_of(config).routed).
+
+    `learned_router=False` (the random and grid controls, `ModelConfig.learned_router`): the budget is fixed by
+    construction and nothing routes by gradient, so the objective is the diffusion loss alone; tail dropping and
+    multi-budget training still apply."""
 
     def __init__(self, diffusion, *, routed: bool, downsample_factor: float | None = None,
-                 chunking: ChunkingLossConfig | None = None, seed: int = 0):
+                 chunking: ChunkingLossConfig | None = None, seed: int = 0, learned_router: bool = True):
         self.diffusion = diffusion
         self.routed = routed
+        self.learned_router = learned_router
         self.downsample_factor = downsample_factor
         self.chunking = chunking or ChunkingLossConfig()
         self.seed = seed
@@ -98,7 +103,9 @@ class TrainingObjective:
         terms = self.diffusion.training_losses(output, x0, xt, t, noise)
         diffusion_loss = terms["loss"].mean()
         n = target_compression(self.chunking, self.downsample_factor, step)
-        r_loss = ratio_loss(routing.router_mask, routing.probs, n, self.chunking.ratio_group_size)
-        loss = diffusion_loss + self.chunking.ratio_loss_weight * r_loss
+        r_loss, loss = None, diffusion_loss
+        if self.learned_router:
+            r_loss = ratio_loss(routing.router_mask, routing.probs, n, self.chunking.ratio_group_size)
+            loss = diffusion_loss + self.chunking.ratio_loss_weight * r_loss
         return StepLoss(loss=loss, diffusion_loss=diffusion_loss, ratio_loss=r_loss, timesteps=t,
                         routing=routing, tail_drop=rho, target_n=n, extras={k: v.mean() for k, v in terms.items()})

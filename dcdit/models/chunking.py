@@ -1,5 +1,5 @@
-"""Dynamic chunking: the routers, hard chunking with tail dropping, de-chunk smoothing, plug-back, the STE gate
-and the ratio loss (arXiv 2603.06351, sections on the router and de-chunk).
+"""Dynamic chunking after the router (dcdit.models.routers): hard chunking with tail dropping, de-chunk smoothing,
+plug-back, the STE gate and the ratio loss (arXiv 2603.06351, sections on the router and de-chunk).
 
 Everything here runs in float32 whatever the surrounding autocast: boundary probabilities near 0.5 decide which
 tokens exist, and bf16 rounding there would flip them.
@@ -7,82 +7,13 @@ tokens exist, and bf16 rounding there would flip them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from dcdit.models.attention import Packing
 
 P_CLAMP = 1e-4  # de-chunk clamps p to [P_CLAMP, 1 - P_CLAMP] so neither term of the mix vanishes exactly
-
-
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    """GroupNorm with `groups` groups, or the largest divisor of `channels` below it for narrow test models."""
-    return nn.GroupNorm(math.gcd(groups, channels), channels)
-
-
-class PredictabilityRouter(nn.Module):
-    """v2 spatial-predictability router: a token is a boundary when its neighbours do not predict it."""
-
-    def __init__(self, dim: int, downsample_factor: float):
-        super().__init__()
-        inner = dim // 4
-        self.project = nn.Conv2d(dim, inner, kernel_size=1)
-        self.predict = nn.Conv2d(inner, inner, kernel_size=3, padding=1)
-        self.scorer = nn.Sequential(
-            nn.Conv2d(inner, inner, kernel_size=3, padding=1), group_norm(inner, 8), nn.SiLU(),
-            nn.Conv2d(inner, 1, kernel_size=1))
-        self.downsample_factor = downsample_factor
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # Start near the target: sigmoid(bias) = 1/N (-1.1 at N = 4, the release's value).
-        nn.init.constant_(self.scorer[-1].bias, -math.log(self.downsample_factor - 1.0))
-
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        """(B, d, H, W) -> boundary logits (B, H*W)."""
-        z = self.project(grid)
-        residual = z - self.predict(z)
-        return self.scorer(residual).flatten(1)
-
-
-class CosineRouter(nn.Module):
-    """v1 2D cosine router: p = (1 - q . mean of the 8 neighbours' keys) / 2, keys and queries l2-normalised."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # H-Net starts both projections at the identity: p then measures raw feature change.
-        nn.init.eye_(self.q_proj.weight)
-        nn.init.eye_(self.k_proj.weight)
-
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        """(B, d, H, W) -> (B, H*W) boundary probabilities (not logits)."""
-        b, d, h, w = grid.shape
-        tokens = grid.flatten(2).transpose(1, 2)
-        q = F.normalize(self.q_proj(tokens), dim=-1)
-        k = F.normalize(self.k_proj(tokens), dim=-1).transpose(1, 2).reshape(b, d, h, w)
-        ring = torch.ones(1, 1, 3, 3, device=grid.device, dtype=grid.dtype)
-        ring[..., 1, 1] = 0
-        neighbour_sum = F.conv2d(k.reshape(b * d, 1, h, w), ring, padding=1).reshape(b, d, h * w)
-        neighbour_count = F.conv2d(torch.ones(1, 1, h, w, device=grid.device, dtype=grid.dtype), ring, padding=1)
-        k_bar = (neighbour_sum / neighbour_count.reshape(1, 1, h * w)).transpose(1, 2)
-        return ((1 - (q * k_bar).sum(-1)) / 2).clamp(0.0, 1.0)
-
-
-def boundary_probs(router: nn.Module, grid: torch.Tensor) -> torch.Tensor:
-    """Router output as probabilities with the first and last token forced to be kept (p = 1)."""
-    out = router(grid)
-    p = out if isinstance(router, CosineRouter) else torch.sigmoid(out)
-    ones = torch.ones_like(p[:, :1])
-    return torch.cat([ones, p[:, 1:-1], ones], dim=1) if p.shape[1] > 1 else ones
 
 
 def tail_drop_mask(mask: torch.Tensor, probs: torch.Tensor, rho: float | torch.Tensor | None) -> torch.Tensor:
@@ -196,6 +127,18 @@ def nearest_kept(mask: torch.Tensor, height: int, width: int, packing: Packing,
 def straight_through_one(x: torch.Tensor) -> torch.Tensor:
     """Exactly 1 in the forward pass, identity gradient to x in the backward pass."""
     return 1.0 + (x - x.detach())
+
+
+def gated_residual(dechunked: torch.Tensor, probs: torch.Tensor, router_mask: torch.Tensor,
+                   residual: torch.Tensor) -> torch.Tensor:
+    """dechunked * STE(p_sel) + residual, p_sel = p where the router kept the token and 1 - p elsewhere.
+
+    The router's own decision (before tail dropping) selects, as in the release: a tail-dropped token is still
+    gated with its own p, so multi-budget training does not reverse its gradient. The forward value is exactly
+    dechunked + residual; the backward pass gives dL/dp_i = +-<dL/dout_i, dechunked_i> (+ for router-kept tokens).
+    """
+    gate = straight_through_one(torch.where(router_mask, probs, 1 - probs))
+    return dechunked * gate[..., None] + residual
 
 
 def ratio_loss(router_mask: torch.Tensor, probs: torch.Tensor, downsample_factor: float,

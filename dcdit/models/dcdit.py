@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dcdit.config import ModelConfig
 from dcdit.models.attention import Packing
-from dcdit.models.chunking import (CosineRouter, PredictabilityRouter, Routing, boundary_probs, dechunk_smooth,
-                                   group_norm, kept_coordinates, nearest_kept, straight_through_one, tail_drop_mask)
-from dcdit.models.dit import ConditionedBackbone, FinalLayer, grid_sincos, zero_adaln
+from dcdit.models.chunking import (Routing, dechunk_smooth, gated_residual, kept_coordinates, nearest_kept,
+                                   tail_drop_mask)
+from dcdit.models.dit import ConditionedBackbone, FinalLayer, sincos_2d, zero_adaln
+from dcdit.models.routers import build_router, group_norm
+
+RMS_EPS = 1e-5  # H-Net's RMSNorm epsilon (the release's isotropic stacks)
 
 
 class ResBlock(nn.Module):
@@ -36,15 +40,34 @@ class ResBlock(nn.Module):
         self.norm2 = group_norm(mid, 32)
         self.conv2 = nn.Conv2d(mid, out_channels, 3, padding=1)
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
-        # LDM zero-initialises the last conv so each block starts as its skip path.
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        # The convolutions keep PyTorch's default init, as in the release (LDM would zero conv2 instead).
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.cond_proj(c)[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
+
+
+class KeptPositions(nn.Module):
+    """2D sin-cos positions of kept tokens at their original grid coordinates, in the frame of a DiT of patch p.
+
+    Grid position (r, c) sits at ((r - (p - 1) / 2) / p, (c - (p - 1) / 2) / p): a patch-p DiT's token (i, j) has
+    coordinate (i, j) and covers rows p i .. p i + p - 1, whose centre maps to exactly i. p = 1 is the grid's own
+    frame; an upcycled DC-DiT uses its teacher's p, the frame its copied blocks were trained in, while distinct
+    positions inside one patch stay distinct (a patch's integer coordinate would give them all one embedding).
+    """
+
+    def __init__(self, dim: int, side: int, patch: int = 1):
+        super().__init__()
+        rows, cols = np.divmod(np.arange(side * side), side)
+        shift = (patch - 1) / 2
+        table = sincos_2d(dim, (rows - shift) / patch, (cols - shift) / patch)
+        self.register_buffer("table", torch.from_numpy(table).float(), persistent=False)
+
+    def forward(self, position: torch.Tensor) -> torch.Tensor:
+        """(T,) grid indices -> (T, dim) float32 embeddings."""
+        return self.table.index_select(0, position)
 
 
 class DCDiT(ConditionedBackbone):
@@ -59,30 +82,34 @@ class DCDiT(ConditionedBackbone):
         self.cond_adaptor = nn.LayerNorm(d) if config.cond_adaptor else nn.Identity()
         self.x_embedder = nn.Conv2d(config.in_channels, w, kernel_size=3, padding=1)
         self.encoder = nn.ModuleList(ResBlock(i, o, d) for i, o in config.scaffold_block_widths(encoder=True))
-        self.encoder_norm = nn.RMSNorm(d, eps=1e-6)
+        self.encoder_norm = nn.RMSNorm(d, eps=RMS_EPS)
         self.residual_proj = nn.Linear(d, d)
-        self.router = (PredictabilityRouter(d, config.downsample_factor) if config.router == "predictability"
-                       else CosineRouter(d))
-        self.register_buffer("pos_table", grid_sincos(d, side, side), persistent=False)
+        self.router = build_router(config)
+        self.positions = KeptPositions(d, side, config.position_patch_size)
+        # The inner DiT stack ends in an RMSNorm, as every isotropic stack of H-Net does.
+        self.backbone_norm = nn.RMSNorm(d, eps=RMS_EPS)
         self.decoder = nn.ModuleList(ResBlock(i, o, d) for i, o in config.scaffold_block_widths(encoder=False))
-        self.decoder_norm = nn.RMSNorm(w, eps=1e-6)
+        self.decoder_norm = nn.RMSNorm(w, eps=RMS_EPS)
         self.final_layer = FinalLayer(w, 1, config.out_channels, cond_size=d)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
+        """The release's init: DiT's xavier pass over every linear (the residual projection included, so it starts
+        open, not at zero), the patch-1 embed conv xavier-initialised as a linear, default conv init elsewhere,
+        adaLN-Zero, and the router's own init (its last bias at -log(N - 1))."""
         self.init_backbone()
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
         zero_adaln(self.blocks, self.final_layer)
-        # The residual branch starts closed: at init the decoder sees only the de-chunked backbone output.
-        nn.init.zeros_(self.residual_proj.weight)
-        nn.init.zeros_(self.residual_proj.bias)
-        self.router.reset_parameters()  # after the backbone's xavier pass, which also visits the router's linears
+        self.router.reset_parameters()  # after the xavier pass, which also visits the cosine router's linears
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
                 tail_drop: float | torch.Tensor | None = None, return_routing: bool = False,
                 force_drop_ids: torch.Tensor | None = None):
         """Predict (B, out_channels, H, W) from latents x (B, C, H, W); with return_routing, also the Routing."""
         b, _, height, width = x.shape
-        if height * width != self.pos_table.shape[0]:
+        if height * width != self.positions.table.shape[0]:
             raise ValueError(f"DC-DiT built for a {self.config.input_size}x{self.config.input_size} grid "
                              f"got input of shape {tuple(x.shape)}")
         c = self.condition(t, y, force_drop_ids)
@@ -99,26 +126,27 @@ class DCDiT(ConditionedBackbone):
         with _fp32(x.device):
             tokens32 = tokens.float()
             residual = self.residual_proj(tokens32)
-            probs = boundary_probs(self.router, _to_grid(tokens32, height, width))
+            probs = self.router(_to_grid(tokens32, height, width), x, t)
             router_mask = probs > 0.5
             mask = tail_drop_mask(router_mask, probs, tail_drop)
         flat, position, coords = kept_coordinates(mask, width)
         packing = Packing.from_lengths(mask.sum(1))
         kept = tokens.reshape(b * height * width, d).index_select(0, flat)
-        # Positions at each kept token's original grid coordinate, added just before the DiT blocks.
-        kept = kept + self.pos_table.index_select(0, position).to(kept.dtype)
+        # Positions at each kept token's original grid coordinate, added just before the DiT blocks. The table is
+        # float32 and is not cast: under bf16 autocast it promotes the residual stream to float32, as in the DiT
+        # baseline (and the release), so the two compare at equal precision.
+        kept = kept + self.positions(position)
 
-        # 5. The DiT backbone on the packed variable-length sequences.
-        kept = self.run_blocks(kept, c, packing)
+        # 5. The DiT backbone on the packed variable-length sequences, ending in an RMSNorm.
+        kept = self.backbone_norm(self.run_blocks(kept, c, packing))
 
-        # 6-7. De-chunk smoothing, nearest plug-back, STE gate and the residual, in float32.
+        # 6-7. De-chunk smoothing, nearest plug-back, STE gate (the router's own decision) and the residual, in fp32.
         with _fp32(x.device):
             p_kept = probs.reshape(-1).index_select(0, flat)
             smoothed = dechunk_smooth(kept.float(), p_kept, coords, packing, self.config.dechunk_sigma)
             source = nearest_kept(mask, height, width, packing)
             full = smoothed.index_select(0, source.reshape(-1)).view(b, height * width, d)
-            gate = straight_through_one(torch.where(mask, probs, 1 - probs))
-            tokens = full * gate[..., None] + residual
+            tokens = gated_residual(full, probs, router_mask, residual)
 
         # 8. Decoder mirrors the encoder, then the DiT final layer at patch size 1.
         grid = _to_grid(tokens, height, width).to(grid.dtype)

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+import dcdit
 from dcdit.models.attention import Packing
-from dcdit.models.chunking import (CosineRouter, dechunk_smooth, kept_coordinates, nearest_kept, ratio_loss,
+from dcdit.models.chunking import (dechunk_smooth, gated_residual, kept_coordinates, nearest_kept, ratio_loss,
                                    straight_through_one, tail_drop_mask)
+from dcdit.models.routers import CosineRouter
 
 
 def ratio_formula(r: float, p: float, n: float) -> float:
@@ -65,6 +67,59 @@ def test_straight_through_gate_is_one_forward_and_identity_backward():
     upstream = torch.randn(5, 7)
     (gate * upstream).sum().backward()
     assert torch.allclose(p.grad, upstream)
+
+
+def test_gate_gradient_values_for_a_kept_a_dropped_and_a_tail_dropped_token():
+    # Three tokens of one sample: kept (router and after tail dropping), dropped by the router, and kept by the router
+    # but tail-dropped. The gate selects with the router's own decision, so the tail-dropped token is gated with p.
+    probs = torch.tensor([[0.8, 0.3, 0.6]], requires_grad=True)
+    router_mask = torch.tensor([[True, False, True]])
+    dechunked = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, -6.0]]])
+    residual = torch.tensor([[[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]])
+    out = gated_residual(dechunked, probs, router_mask, residual)
+    torch.testing.assert_close(out, dechunked + residual)  # the gate is exactly 1 forward
+    upstream = torch.tensor([[[1.0, 1.0], [2.0, -1.0], [0.5, 2.0]]])
+    (out * upstream).sum().backward()
+    # dL/dp = +<upstream, dechunked> where the router kept the token (p selected), - where it did not (1 - p):
+    # kept 1*1 + 1*2 = 3; dropped -(2*3 - 1*4) = -2; tail-dropped +(0.5*5 + 2*(-6)) = -9.5.
+    assert probs.grad.tolist() == [[3.0, -2.0, -9.5]]
+
+
+def test_router_gradient_of_dropped_and_tail_dropped_tokens_through_the_whole_model():
+    """dL/dlogit_i = +-p_i (1 - p_i) <dL/dtokens_i, dechunked_i> for tokens outside the kept set, computed from hooks;
+    + for tail-dropped tokens (the router kept them), - for the router's dropped ones. Their p reaches the loss only
+    through the gate (tail dropping ranks detached p; de-chunk reads only kept tokens' p)."""
+    torch.manual_seed(3)
+    model = dcdit.create_model("DC-DiT-S", depth=2, hidden_size=64, num_heads=2, input_size=8, num_classes=10)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    captured = {}
+
+    def retain(name, tensor):
+        tensor.retain_grad()
+        captured[name] = tensor
+
+    model.router.scorer.register_forward_hook(lambda module, args, out: retain("logits", out))
+    model.residual_proj.register_forward_hook(lambda module, args, out: retain("residual", out))
+    model.decoder[0].register_forward_pre_hook(lambda module, args: retain("tokens", args[0]))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([100, 700]), torch.tensor([1, 2])
+    out, routing = model(x, t, y, tail_drop=0.5, return_routing=True)
+    (out * torch.randn_like(out)).sum().backward()
+
+    g = captured["tokens"].grad.flatten(2).transpose(1, 2)  # (B, L, d) = dL/d(gated tokens)
+    dechunked = captured["tokens"].detach().flatten(2).transpose(1, 2) - captured["residual"].detach()
+    p = routing.probs.detach()
+    expected = p * (1 - p) * (g * dechunked).sum(-1)
+    logit_grad = captured["logits"].grad.flatten(1)
+    inner = torch.zeros_like(p, dtype=torch.bool)
+    inner[:, 1:-1] = True  # the first and last token are forced to p = 1 and carry no gradient
+    tail_dropped = routing.router_mask & ~routing.mask & inner
+    dropped = ~routing.router_mask & inner
+    assert tail_dropped.sum() >= 2 and dropped.sum() >= 2
+    torch.testing.assert_close(logit_grad[tail_dropped], expected[tail_dropped], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(logit_grad[dropped], -expected[dropped], rtol=1e-3, atol=1e-6)
+    assert expected[tail_dropped].abs().min() > 0
 
 
 def brute_force_tail_drop(mask, probs, rho):
@@ -169,7 +224,7 @@ def test_cosine_router_matches_neighbour_average_definition():
     with torch.no_grad():
         router.q_proj.weight.add_(0.1 * torch.randn(8, 8))
     grid = torch.randn(2, 8, 4, 5)
-    p = router(grid)
+    p = router.probs(grid)
     tokens = grid.flatten(2).transpose(1, 2)
     q = torch.nn.functional.normalize(tokens @ router.q_proj.weight.T, dim=-1)
     k = torch.nn.functional.normalize(tokens @ router.k_proj.weight.T, dim=-1)

@@ -27,7 +27,7 @@ def build_objective(config: ExperimentConfig) -> TrainingObjective:
     diffusion = create_diffusion(num_timesteps=config.diffusion.num_timesteps, learn_sigma=config.model.learn_sigma)
     return TrainingObjective(diffusion, routed=family_of(config.model).routed,
                              downsample_factor=config.model.downsample_factor, chunking=config.train.chunking,
-                             seed=config.seed)
+                             seed=config.seed, learned_router=config.model.learned_router)
 
 
 def lr_at(config: ExperimentConfig, step: int) -> float:
