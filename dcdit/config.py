@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dcdit.errors import DCDiTError, did_you_mean
+from dcdit.errors import DCDiTError, did_you_mean, shown
 
 Arch = Literal["dit", "dcdit"]
 # predictability (v2) and cosine (v1) are learned; random and grid are the controls at the same budget.
@@ -76,24 +76,27 @@ class ModelConfig:
         return from_dict(ModelConfig, {**dataclasses.asdict(self), **changes})
 
     def validate(self) -> None:
-        _check(self.depth >= 1, "depth", self.depth, "must be >= 1")
+        # Sizes outside these ranges are typos, not experiments (DiT-XL: depth 28, width 1152, 16 heads); checked
+        # first, so that a zero never reaches a division below.
+        for key, (low, high) in _RANGES.items():
+            value = getattr(self, key)
+            _check(value is None or low <= value <= high, key, value, f"must be in [{low}, {high}]")
         _check(self.hidden_size % self.num_heads == 0, "hidden_size", self.hidden_size,
                f"must be divisible by num_heads={self.num_heads}")
         _check((self.hidden_size // self.num_heads) % 2 == 0, "num_heads", self.num_heads,
                "must leave an even head dimension")
         _check(self.hidden_size % 4 == 0, "hidden_size", self.hidden_size,
                "must be divisible by 4 (2D sin-cos position embedding)")
-        _check(self.input_size >= 1, "input_size", self.input_size, "must be >= 1")
-        _check(self.num_classes >= 1, "num_classes", self.num_classes, "must be >= 1")
         _check(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob", self.class_dropout_prob,
                "must be in [0, 1)")
         if self.arch == "dit":
             _check(self.input_size % self.patch_size == 0, "patch_size", self.patch_size,
                    f"must divide input_size={self.input_size}")
         else:
-            _check(self.downsample_factor > 1.0, "downsample_factor", self.downsample_factor,
-                   "must be > 1 (the target compression N)")
-            _check(self.dechunk_sigma > 0.0, "dechunk_sigma", self.dechunk_sigma, "must be > 0")
+            _check(1.0 < self.downsample_factor <= self.input_size**2, "downsample_factor", self.downsample_factor,
+                   f"must be > 1 (the target compression N) and at most the {self.input_size**2} grid tokens")
+            _check(0.0 < self.dechunk_sigma <= self.input_size, "dechunk_sigma", self.dechunk_sigma,
+                   f"must be in (0, input_size={self.input_size}]")
             _check(self.encoder_blocks >= 1 and self.decoder_blocks >= 1, "encoder_blocks",
                    (self.encoder_blocks, self.decoder_blocks), "need at least one encoder and decoder block")
             _check(self.scaffold_channels % 4 == 0, "scaffold_width", self.scaffold_channels,
@@ -117,9 +120,14 @@ class ModelConfig:
         return self.arch == "dcdit" and self.router in LEARNED_ROUTERS
 
 
+_RANGES = {"depth": (1, 256), "hidden_size": (4, 16384), "num_heads": (1, 256), "input_size": (1, 4096),
+           "in_channels": (1, 64), "num_classes": (1, 1_000_000), "mlp_ratio": (0.25, 64.0), "patch_size": (1, 64),
+           "encoder_blocks": (1, 64), "decoder_blocks": (1, 64), "scaffold_width": (4, 16384)}
+
+
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
-        raise DCDiTError(f"model.{key}={value!r} {rule}")
+        raise DCDiTError(f"model.{key}={shown(value)} {rule}")
 
 
 # The preset table. DiT sizes from Peebles & Xie; DC-DiT sizes from arXiv 2603.06351 (scaffold at d/4).
@@ -174,7 +182,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return from_dict(hint, value, prefix=where)
     if origin is Literal:
         if value not in args:
-            raise DCDiTError(f"{where}={value!r} must be one of {', '.join(map(repr, args))}"
+            raise DCDiTError(f"{where}={shown(value)} must be one of {', '.join(map(repr, args))}"
                              f"{did_you_mean(str(value), map(str, args))}")
         return value
     if origin in (typing.Union, types.UnionType):
@@ -188,35 +196,35 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except DCDiTError as err:
                 errors.append(str(err))
-        raise DCDiTError(errors[0] if errors else f"{where}={value!r} has the wrong type")
+        raise DCDiTError(errors[0] if errors else f"{where}={shown(value)} has the wrong type")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise DCDiTError(f"{where}={value!r} must be a list")
+            raise DCDiTError(f"{where}={shown(value)} must be a list")
         item = args[0] if args else Any
         return (tuple if origin is tuple else list)(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise DCDiTError(f"{where}={value!r} must be a mapping")
+            raise DCDiTError(f"{where}={shown(value)} must be a mapping")
         return dict(value)
     if hint is Any:
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DCDiTError(f"{where}={value!r} must be a number")
+            raise DCDiTError(f"{where}={shown(value)} must be a number")
         if not math.isfinite(value):
-            raise DCDiTError(f"{where}={value!r} must be finite")
+            raise DCDiTError(f"{where}={shown(value)} must be finite")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise DCDiTError(f"{where}={value!r} must be an integer")
+            raise DCDiTError(f"{where}={shown(value)} must be an integer")
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise DCDiTError(f"{where}={value!r} must be true or false")
+            raise DCDiTError(f"{where}={shown(value)} must be true or false")
         return value
     if hint is str:
         if not isinstance(value, str):
-            raise DCDiTError(f"{where}={value!r} must be a string")
+            raise DCDiTError(f"{where}={shown(value)} must be a string")
         return value
     return value
 

@@ -7,6 +7,7 @@ Anything a user can fix (a bad config key, a wrong shape, a corrupt checkpoint, 
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterable
 
 
@@ -18,3 +19,14 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """`repr(value)` for an error message, cut to about `limit` characters without first building the repr of a
+    huge or deeply shared structure (a YAML alias bomb would exhaust memory there)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 2, limit, limit
+    short.maxdict = short.maxlist = short.maxtuple = short.maxset = 4
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+

@@ -52,8 +52,30 @@ def made(tmp_path_factory) -> Made:
     return Made(root=root, marker=marker, evil_pth=evil, images=images)
 
 
+def train(config: str):
+    """`dcdit train` of a config file of the corpus (storage in the made folder: nothing lands in the checkout)."""
+    return lambda m: ["train", str(CORPUS / "configs" / config), "--storage", str(m.root / "runs")]
+
+
 # id -> (argv built from the made files, a fragment the error line must contain)
 CASES = {
+    "config/num-heads-zero": (train("num-heads-zero.yaml"), "model.num_heads=0 must be in [1, 256]"),
+    "config/patch-size-zero": (train("patch-size-zero.yaml"), "model.patch_size=0 must be in [1, 64]"),
+    "config/hidden-size-negative": (train("hidden-size-negative.yaml"), "model.hidden_size=-64"),
+    "config/depth-absurd": (train("depth-absurd.yaml"), "model.depth=1000000000 must be in [1, 256]"),
+    "config/seed-absurd": (train("seed-absurd.yaml"), "seed=1208925819614629174706176 must be in [0, 4294967295]"),
+    "config/data-seed-negative": (train("data-seed-negative.yaml"), "data.seed=-3"),
+    "config/steps-absurd": (train("steps-absurd.yaml"), "train.steps=1000000000000000000000000000000 must be in"),
+    "config/width-not-divisible-by-heads": (train("width-not-divisible-by-heads.yaml"),
+                                            "must be divisible by num_heads=8"),
+    "config/grid-not-divisible-by-patch": (train("grid-not-divisible-by-patch.yaml"), "must divide input_size=16"),
+    "config/alias-bomb": (train("alias-bomb.yaml"), "aliases expand to more than 100000 values"),
+    "config/memory-beyond-any-machine": (train("memory-beyond-any-machine.yaml"), "the model needs about"),
+    "config/not-a-mapping": (train("not-a-mapping.yaml"), "must hold a mapping"),
+    "config/unknown-key": (train("unknown-key.yaml"), "did you mean 'train'"),
+    "config/base-loop": (train("base-loop.yaml"), "config inheritance loops"),
+    "config/tab-indented": (train("tab-indented.yaml"), "cannot parse"),
+    "config/missing-file": (train("no-such-file.yaml"), "does not exist"),
     "weights/vgg16-pickled-code-fid": (
         lambda m: ["fid", str(m.images), str(m.images), "--extractor", "vgg16", "--weights", str(m.evil_pth)],
         "evil.pth"),

@@ -54,7 +54,7 @@ def test_unknown_keys_are_named_with_a_suggestion(data, message):
     ("train", {"global_batch": 7}, "must be divisible by resources.num_workers x train.grad_accum"),
     ("train", {"distill_steps": 5}, "needs train.init_from"),
     ("train", {"init_from": "/x.pt"}, None),  # DC-DiT may upcycle
-    ("checkpoint", {"every": 0}, "checkpoint.every=0 must be >= 1"),
+    ("checkpoint", {"every": 0}, "checkpoint.every=0 must be in [1, 1000000000]"),
     ("resources", {"num_workers": True}, "resources.num_workers=True must be an integer"),
     ("data", {"image_size": 16}, "model.input_size=8 but data.image_size=16"),
     ("storage", {"uri": "s3://bucket/runs"}, "needs an MLflow tracking server"),
@@ -159,3 +159,36 @@ def test_cli_rejects_an_unknown_key_in_one_line_before_ray_starts():
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert lines == ["dcdit train: error: unknown config key 'train.lrr' (did you mean 'lr'?)"], done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_memory_estimate_is_24_bytes_per_parameter_plus_the_activations_of_one_micro_batch():
+    from dcdit.models import build_model
+    from dcdit_platform.config.memory import training_memory
+
+    config = build_config(tiny_config(model={"arch": "dit", "patch_size": 2, "depth": 2, "hidden_size": 32,
+                                             "num_heads": 2}))
+    estimate = training_memory(config)
+    params = sum(p.numel() for p in build_model(config.model).parameters())
+    assert estimate.params == params and estimate.state == 24 * params
+    # By hand: micro-batch 4 (8 over 2 workers), 16 tokens (8x8 grid, patch 2), width 32, 2 heads, 2 blocks, fp32:
+    # per block 16 * 32 * 17 values + 2.5 * 2 * 16^2 attention values, 4 bytes each.
+    assert estimate.micro_batch == 4 and estimate.activations == 4 * 4 * 2 * (16 * 32 * 17 + 2.5 * 2 * 16**2)
+    bf16 = build_config({**config.to_dict(), "train": {**config.to_dict()["train"], "precision": "bf16"}})
+    assert training_memory(bf16).activations * 2 == estimate.activations
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &a [1, 2]\nb: [*a, *a]\n", None),  # ordinary aliases still work
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(6)),
+     "expand to more than 100000 values"),
+    ("a: &a [1, *a]\n", "refers to itself"),
+])
+def test_yaml_aliases_are_bounded(text, message):
+    from dcdit_platform.config import parse_yaml
+
+    if message is None:
+        assert parse_yaml(text) == {"a": [1, 2], "b": [[1, 2], [1, 2]]}
+    else:
+        with pytest.raises(DCDiTError, match=message):
+            parse_yaml(text, "bomb.yaml")

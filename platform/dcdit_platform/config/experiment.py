@@ -18,7 +18,7 @@ from dcdit.checkpoint import config_hash
 from dcdit.config import ModelConfig, from_dict, preset
 from dcdit.errors import DCDiTError, did_you_mean
 from dcdit.models import family_of
-from dcdit_platform.config.sections import (RUN_NAME, CheckpointSection, DataSection, DiffusionSection,
+from dcdit_platform.config.sections import (MAX_SEED, RUN_NAME, CheckpointSection, DataSection, DiffusionSection,
                                             LoggingSection, ResourcesSection, StorageSection, TrackingSection,
                                             TrainSection, _require)
 from dcdit_platform.config.tree import apply_overrides, flatten, load_yaml_tree
@@ -86,7 +86,7 @@ class ExperimentConfig:
         if t.global_batch % per_step:
             raise DCDiTError(f"train.global_batch={t.global_batch} must be divisible by resources.num_workers x "
                              f"train.grad_accum = {r.num_workers} x {t.grad_accum} = {per_step}")
-        _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _require(0 <= self.seed <= MAX_SEED, "seed", self.seed, f"must be in [0, {MAX_SEED}]")
         if self.name is not None:
             check_run_name(self.name, "name")
         if d.is_synthetic:

@@ -9,12 +9,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dcdit.errors import DCDiTError
+from dcdit.errors import DCDiTError, shown
 from dcdit.objective import ChunkingLossConfig
 from dcdit_platform.secrets import redact
 
 Precision = Literal["fp32", "bf16"]
 SYNTHETIC = "synthetic"
+MAX_SEED = 2**32 - 1  # what every RNG the runs seed takes (numpy, torch, Python)
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
 
@@ -27,7 +28,7 @@ class DiffusionSection:
     noise_schedule: Literal["linear"] = "linear"
 
     def validate(self) -> None:
-        _require(self.num_timesteps >= 2, "diffusion.num_timesteps", self.num_timesteps, "must be >= 2")
+        _within("diffusion.num_timesteps", self.num_timesteps, 2, 100_000)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,11 +58,10 @@ class DataSection:
             _require(8 <= self.image_size <= 1024, "data.image_size", self.image_size, "must be in [8, 1024]")
             _require(1 <= self.num_classes <= 12, "data.num_classes", self.num_classes,
                      "must be in [1, 12] (the synthetic dataset has 12 classes)")
-            _require(self.num_samples >= 1, "data.num_samples", self.num_samples, "must be >= 1")
-        _require(self.seed is None or self.seed >= 0, "data.seed", self.seed, "must be >= 0")
-        _require(self.shuffle_window is None or self.shuffle_window >= 1, "data.shuffle_window",
-                 self.shuffle_window, "must be >= 1 shard or null")
-        _require(self.prefetch >= 1, "data.prefetch", self.prefetch, "must be >= 1")
+            _within("data.num_samples", self.num_samples, 1, 10**9)
+        _within("data.seed", self.seed, 0, MAX_SEED)
+        _within("data.shuffle_window", self.shuffle_window, 1, 10**6)
+        _within("data.prefetch", self.prefetch, 1, 1024)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,18 +88,18 @@ class TrainSection:
     distill_weight: float = 1.0  # weight of that term during the warm-up
 
     def validate(self) -> None:
-        _require(self.steps >= 1, "train.steps", self.steps, "must be >= 1")
-        _require(self.global_batch >= 1, "train.global_batch", self.global_batch, "must be >= 1")
-        _require(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
+        _within("train.steps", self.steps, 1, 10**9)
+        _within("train.global_batch", self.global_batch, 1, 2**20)
+        _within("train.grad_accum", self.grad_accum, 1, 2**20)
         _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
-        _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _within("train.warmup_steps", self.warmup_steps, 0, 10**9)
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", list(self.betas),
                  "must be two numbers in [0, 1)")
         _require(self.eps > 0, "train.eps", self.eps, "must be > 0")
         _require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "must be in [0, 1)")
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
-        _require(self.distill_steps >= 0, "train.distill_steps", self.distill_steps, "must be >= 0")
+        _within("train.distill_steps", self.distill_steps, 0, 10**9)
         _require(self.distill_weight >= 0, "train.distill_weight", self.distill_weight, "must be >= 0")
         _require(self.distill_steps == 0 or self.init_from, "train.distill_steps", self.distill_steps,
                  "needs train.init_from (the pretrained DiT is the teacher)")
@@ -114,9 +114,9 @@ class CheckpointSection:
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails; -1 = no limit
 
     def validate(self) -> None:
-        _require(self.every >= 1, "checkpoint.every", self.every, "must be >= 1")
-        _require(self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
-        _require(self.max_failures >= -1, "checkpoint.max_failures", self.max_failures, "must be >= -1")
+        _within("checkpoint.every", self.every, 1, 10**9)
+        _within("checkpoint.keep", self.keep, 1, 10_000)
+        _within("checkpoint.max_failures", self.max_failures, -1, 1000)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,11 +129,11 @@ class LoggingSection:
     sample_steps: int = 25  # DDIM steps used to draw them (with the EMA weights)
 
     def validate(self) -> None:
-        _require(self.every >= 1, "logging.every", self.every, "must be >= 1")
+        _within("logging.every", self.every, 1, 10**9)
         _require(self.artifacts_every >= -1, "logging.artifacts_every", self.artifacts_every,
                  "must be >= -1 (0 = only at the end, -1 = never)")
-        _require(self.sample_count >= 1, "logging.sample_count", self.sample_count, "must be >= 1")
-        _require(self.sample_steps >= 1, "logging.sample_steps", self.sample_steps, "must be >= 1")
+        _within("logging.sample_count", self.sample_count, 1, 1024)
+        _within("logging.sample_steps", self.sample_steps, 1, 10_000)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,11 +147,12 @@ class ResourcesSection:
     torch_threads: int | None = None  # CPU intra-op threads per worker; None = cpus_per_worker (at least 1)
 
     def validate(self) -> None:
-        _require(self.num_workers >= 1, "resources.num_workers", self.num_workers, "must be >= 1")
-        _require(self.cpus_per_worker > 0, "resources.cpus_per_worker", self.cpus_per_worker, "must be > 0")
-        _require(self.gpus_per_worker > 0, "resources.gpus_per_worker", self.gpus_per_worker, "must be > 0")
-        _require(self.torch_threads is None or self.torch_threads >= 1, "resources.torch_threads",
-                 self.torch_threads, "must be >= 1 or null")
+        _within("resources.num_workers", self.num_workers, 1, 10_000)
+        _require(0 < self.cpus_per_worker <= 1024, "resources.cpus_per_worker", self.cpus_per_worker,
+                 "must be in (0, 1024]")
+        _require(0 < self.gpus_per_worker <= 64, "resources.gpus_per_worker", self.gpus_per_worker,
+                 "must be in (0, 64]")
+        _within("resources.torch_threads", self.torch_threads, 1, 1024)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -203,7 +204,8 @@ class TrackingSection:
             _require(scheme in TRACKING_SCHEMES, "tracking.uri", _safe(self.uri),
                      f"has an unsupported scheme; use one of {', '.join(TRACKING_SCHEMES)}")
         _require(bool(self.experiment), "tracking.experiment", self.experiment, "must be a non-empty name")
-        _require(self.retry_timeout_s >= 0, "tracking.retry_timeout_s", self.retry_timeout_s, "must be >= 0")
+        _require(0 <= self.retry_timeout_s <= 86_400, "tracking.retry_timeout_s", self.retry_timeout_s,
+                 "must be in [0, 86400] seconds")
         for key, value in self.tags.items():
             _require(isinstance(value, (str, int, float, bool)), f"tracking.tags.{key}", value,
                      "must be a string, number or boolean")
@@ -211,7 +213,12 @@ class TrackingSection:
 
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
-        raise DCDiTError(f"{key}={value!r} {rule}")
+        raise DCDiTError(f"{key}={shown(value)} {rule}")
+
+
+def _within(key: str, value: int | None, low: int, high: int) -> None:
+    """Integers outside [low, high] are typos, not experiments; None means unset."""
+    _require(value is None or low <= value <= high, key, value, f"must be in [{low}, {high}]")
 
 
 def _safe(uri: str) -> str:

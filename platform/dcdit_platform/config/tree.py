@@ -28,14 +28,56 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+MAX_YAML_VALUES = 100_000  # values a config may hold once its aliases are expanded (a real one holds ~100)
+
+
 def parse_yaml(text: str, where: str = "<string>") -> Any:
+    """Safe YAML (numbers like 1e-4 read as floats) whose aliases may not expand past MAX_YAML_VALUES values:
+    a few lines of nested aliases (a "billion laughs") would otherwise fill memory wherever the tree is walked."""
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, where)
+        return loader.construct_document(node)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise DCDiTError(f"cannot parse {where}{at}: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: yaml.Node, where: str) -> None:
+    """Count the values of the tree as aliases expand it (shared nodes counted once per use, never built)."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in visiting:
+            raise DCDiTError(f"{where}: a YAML alias refers to itself; configs are trees")
+        visiting.add(key)
+        children = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_VALUES:
+                raise DCDiTError(f"{where}: its YAML aliases expand to more than {MAX_YAML_VALUES} values; a config "
+                                 "holds a few hundred, so write it out without nested aliases")
+        visiting.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
 
 
 def load_yaml_tree(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:

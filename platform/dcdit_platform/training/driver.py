@@ -22,6 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from dcdit.errors import DCDiTError
 from dcdit_platform import console
 from dcdit_platform.config import ExperimentConfig, check_run_name, default_run_name, science_diff
+from dcdit_platform.config.memory import STATE_BYTES_PER_PARAM, gib, machine_memory, training_memory
 from dcdit_platform.raycluster import ray_session, target_address
 from dcdit_platform.runs import latest_checkpoint_state, read_run_record, write_run_record
 from dcdit_platform.secrets import redact, redact_config, secret_env
@@ -171,11 +172,11 @@ def run_training(plan: RunPlan, *, address: str | None = None, echo: Callable[[s
     `echo` prints progress lines (default: `dcdit train: ...` on stderr). `callbacks` are Ray Train
     `UserCallback`s added to the trainer's RunConfig (sweeps pass Tune's `TuneReportCallback` so that the trial's
     scheduler sees the reported metrics)."""
+    _check_local_resources(plan.config, address)  # before the MLflow run and the run record exist
     run = open_run(plan, echo or console.echo("train"))
     if run.done is not None:
         return {**run.done, "ray_startup_s": 0.0, "wall_s": 0.0}
     t0 = time.perf_counter()
-    _check_local_resources(plan.config, address)
     # The dashboard stays on: Ray Train V2 and Tune use the State API it serves.
     with ray_session(address, dashboard=True):
         ray_startup_s = time.perf_counter() - t0
@@ -210,6 +211,26 @@ def _check_local_resources(config: ExperimentConfig, address: str | None) -> Non
         if res.num_workers * res.gpus_per_worker > gpus:
             raise DCDiTError(f"{res.num_workers} workers x {res.gpus_per_worker:g} GPUs need more GPUs than the "
                              f"{gpus} this machine has; lower resources.num_workers or pass --address")
+    _check_memory(config)
+
+
+def _check_memory(config: ExperimentConfig) -> None:
+    """Refuse a run whose workers cannot hold their model and one micro-batch in this machine's memory (GPU memory
+    per worker with use_gpu, else RAM for all workers), saying how much they would need."""
+    need = training_memory(config)
+    res = config.resources
+    if res.use_gpu:
+        have = min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+        where, total = "GPU memory per worker", need.total
+    else:
+        have, where, total = machine_memory(), f"memory for {res.num_workers} worker(s)", need.total * res.num_workers
+    if have is None or total <= have:
+        return
+    raise DCDiTError(f"the model needs about {gib(total)} of {where} but this machine has {gib(have)} "
+                     f"({need.params / 1e6:,.0f}M parameters x {STATE_BYTES_PER_PARAM} bytes of weights, gradients, "
+                     f"Adam and EMA = {gib(need.state)}, plus {gib(need.activations)} of activations for "
+                     f"micro-batches of {need.micro_batch}); use a smaller model, raise train.grad_accum, lower "
+                     "train.global_batch, or pass --address of a cluster with more memory")
 
 
 def _fit(run: OpenedRun, callbacks: Sequence[Any] = ()):
