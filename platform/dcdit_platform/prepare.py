@@ -27,6 +27,7 @@ from dcdit.data.reader import to_model_input
 from dcdit.data.synthetic import SyntheticDataset
 from dcdit.data.vae import LATENT_SCALE, center_crop_arr, check_vae, encode, load_vae, sample_seed
 from dcdit.errors import DCDiTError
+from dcdit_platform.config.sections import DEFAULT_IMAGE_SIZE
 from dcdit_platform.raycluster import ray_session
 from dcdit_platform.storage import Storage, StorageOptions, open_storage
 
@@ -41,7 +42,7 @@ class PrepareConfig:
     source: str  # "synthetic", or an image folder in ImageNet layout (class subfolders), local or s3://
     dest: str  # local path or s3:// URI
     num_samples: int | None = None  # synthetic: default 10000; folder: default all (else a seeded subset)
-    image_size: int = 32
+    image_size: int = DEFAULT_IMAGE_SIZE
     vae: str | None = None  # local dir or hub name; None writes uint8 pixels
     seed: int = 0  # synthetic images, folder subset, and the per-sample VAE noise
     num_classes: int = 10  # synthetic only
@@ -342,7 +343,7 @@ def _run_pipeline(config: PrepareConfig, plan: _Plan, source: dict, todo: list[i
 
 
 def open_source(source: str, *, storage_options: StorageOptions | dict | None = None, num_samples: int = 10_000,
-                image_size: int = 32, num_classes: int = 10, seed: int = 0, **reader_options):
+                image_size: int = DEFAULT_IMAGE_SIZE, num_classes: int = 10, seed: int = 0, **reader_options):
     """A training source from a spec: 'synthetic' (rendered on the fly) or a prepared dataset's URI."""
     if source == "synthetic":
         return SyntheticDataset(num_samples, image_size=image_size, num_classes=num_classes, seed=seed)

@@ -35,11 +35,11 @@ def test_synthetic_pixels_equal_the_in_process_writer(ray_cluster, tmp_path):
     summary = prepare_dataset(PrepareConfig(source="synthetic", dest=dest, num_samples=200, shard_size=64, seed=3),
                               progress=False)
     assert summary["complete"] and (summary["written"], summary["skipped"], summary["shards"]) == (4, 0, 4)
-    assert (summary["layout"], summary["shape"], summary["dtype"]) == ("pixels", [32, 32, 3], "uint8")
-    write_dataset(str(tmp_path / "direct"), SyntheticDataset(200, seed=3), shard_size=64)
+    assert (summary["layout"], summary["shape"], summary["dtype"]) == ("pixels", [16, 16, 3], "uint8")  # the default
+    write_dataset(str(tmp_path / "direct"), SyntheticDataset(200, seed=3, image_size=16), shard_size=64)
     assert shard_hashes(dest) == shard_hashes(str(tmp_path / "direct"))  # byte-identical shards
     ds = open_dataset(dest)
-    assert ds.manifest.mask_shape == (32, 32) and len(ds.verify()) == 4
+    assert ds.manifest.mask_shape == (16, 16) and len(ds.verify()) == 4
     assert not os.path.exists(os.path.join(dest, PROGRESS_DIR))
     # Running it again finds the finished dataset and does nothing.
     again = prepare_dataset(PrepareConfig(source="synthetic", dest=dest, num_samples=200, shard_size=64, seed=3),
@@ -97,7 +97,7 @@ def test_interrupted_preparation_resumes_without_rewriting_finished_shards(ray_c
     for name, stamp in stamps.items():
         assert (os.stat(dest / name).st_mtime_ns, os.stat(dest / name).st_ino) == stamp, f"{name} was rewritten"
     assert not list(dest.glob("*.tmp-*"))
-    write_dataset(str(tmp_path / "direct"), SyntheticDataset(160, seed=2), shard_size=32)
+    write_dataset(str(tmp_path / "direct"), SyntheticDataset(160, seed=2, image_size=16), shard_size=32)
     assert shard_hashes(str(dest)) == shard_hashes(str(tmp_path / "direct"))
     assert len(open_dataset(str(dest)).verify()) == 5
 
@@ -144,11 +144,11 @@ def test_cli_prepares_to_s3_and_describes_it(ray_cluster, s3_server, capsys, mai
     assert summary["dest"] == uri and summary["complete"] and summary["shards"] == 2
     assert main(["data-info", uri, "--verify", "--json"]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (info["num_samples"], info["num_shards"], info["shape"], info["dtype"]) == (64, 2, [32, 32, 3], "uint8")
+    assert (info["num_samples"], info["num_shards"], info["shape"], info["dtype"]) == (64, 2, [16, 16, 3], "uint8")
     assert info["verified"] and info["class_names"][:2] == ["checkered disc", "striped square"]
     assert main(["data-info", uri]) == 0
     text = capsys.readouterr().out
-    assert "samples  64 in 2 shards" in text and "pixels HWC 32x32x3 uint8" in text
+    assert "samples  64 in 2 shards" in text and "pixels HWC 16x16x3 uint8" in text
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, main):

@@ -22,7 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--vae", metavar="NAME_OR_DIR", default=None,
                    help="encode with this diffusers AutoencoderKL (local dir or hub name, e.g. "
                         "stabilityai/sd-vae-ft-ema); without it, uint8 pixels are stored")
-    p.add_argument("--image-size", type=int, default=32, help="side of the ADM centre crop (default 32)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="synthetic: the image side; folder: the side of the ADM centre crop (default 16, the size "
+                        "every shipped config trains at; 256 for ImageNet-256)")
     p.add_argument("--num-classes", type=int, default=10, help="synthetic only (default 10)")
     p.add_argument("--seed", type=int, default=0, help="synthetic images, folder subset and VAE noise (default 0)")
     p.add_argument("--shard-size", type=int, default=1024, help="samples per shard (default 1024)")
@@ -53,11 +55,11 @@ def _storage_options(args: argparse.Namespace) -> dict | None:
 def prepare_data(args: argparse.Namespace) -> int:
     from dcdit_platform.prepare import PrepareConfig, prepare_dataset
 
+    sized = {"image_size": args.image_size} if args.image_size is not None else {}  # else PrepareConfig's default
     config = PrepareConfig(
-        source=args.source, dest=args.dest, num_samples=args.num_samples, image_size=args.image_size,
-        vae=args.vae, seed=args.seed, num_classes=args.num_classes, shard_size=args.shard_size,
-        encode_batch_size=args.batch_size, num_actors=args.workers, max_shards=args.max_shards,
-        storage_options=_storage_options(args))
+        source=args.source, dest=args.dest, num_samples=args.num_samples, **sized, vae=args.vae, seed=args.seed,
+        num_classes=args.num_classes, shard_size=args.shard_size, encode_batch_size=args.batch_size,
+        num_actors=args.workers, max_shards=args.max_shards, storage_options=_storage_options(args))
     summary = prepare_dataset(config, progress=not args.no_progress)
     if args.json:
         print_json(summary)

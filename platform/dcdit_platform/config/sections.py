@@ -31,12 +31,17 @@ class DiffusionSection:
         _within("diffusion.num_timesteps", self.num_timesteps, 2, 100_000)
 
 
+# The synthetic images' side in every shipped config (experiments/quickstart, smoke): also the default of configs,
+# `dcdit prepare-data synthetic` and synthetic evaluation references, so that their outputs fit together.
+DEFAULT_IMAGE_SIZE = 16
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataSection:
     """Where training samples come from: the embedded synthetic dataset or prepared Parquet shards (local or s3://)."""
 
     source: str = SYNTHETIC  # "synthetic" or the URI of a dataset written by `dcdit prepare-data`
-    image_size: int = 32  # synthetic only
+    image_size: int = DEFAULT_IMAGE_SIZE  # synthetic only
     num_classes: int = 10  # synthetic only
     num_samples: int = 10_000  # synthetic only
     seed: int | None = None  # sample order (and synthetic content); None = the experiment's seed

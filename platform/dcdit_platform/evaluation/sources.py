@@ -18,6 +18,7 @@ from dcdit.data.shards import MANIFEST_NAME, open_dataset, read_manifest
 from dcdit.data.synthetic import render
 from dcdit.data.vae import center_crop_arr
 from dcdit.errors import DCDiTError
+from dcdit_platform.config.sections import DEFAULT_IMAGE_SIZE
 from dcdit_platform.storage import open_storage
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -130,8 +131,9 @@ def dataset_source(uri: str, *, crop: int | None) -> ImageSource:
 
 
 def parse_synthetic(text: str) -> dict:
-    """'synthetic:seed=0,image_size=32,num_classes=10,num_samples=10000' -> params."""
-    params = {"kind": "synthetic", "seed": 0, "image_size": 32, "num_classes": 10, "num_samples": 10_000}
+    """'synthetic:seed=0,image_size=16,num_classes=10,num_samples=10000' -> params (these are the defaults)."""
+    params = {"kind": "synthetic", "seed": 0, "image_size": DEFAULT_IMAGE_SIZE, "num_classes": 10,
+              "num_samples": 10_000}
     body = text.split(":", 1)[1] if ":" in text else ""
     for part in filter(None, body.split(",")):
         key, _, value = part.partition("=")
