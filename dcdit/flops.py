@@ -4,7 +4,8 @@ Convention (the DiT paper's "Gflops", which are MACs): every matrix multiply and
 counted once; norms, activations, softmax, gathers and elementwise arithmetic are free. Attention costs
 2 * L^2 * d MACs per block and sample (QK^T and AV), so packed attention costs 2 * d * sum_b L_b^2, never the
 padded B * max(L)^2. `MacCount.v2_gflops` gives the DC-DiT v2 convention instead (real FLOPs, attention counted as
-H * sum_b L_b^2 * (4 d_head + 3)); `sampling_tflops` turns MACs into the papers' TFLOPs per generated image.
+H * sum_b L_b^2 * (4 d_head + 3)); `tflops_per_image` turns it into the v2 TFLOPs per generated image (both CFG
+branches, or Lite-CFG's unequal ones: `lite_cfg_branches`), `sampling_tflops` does so for measured MACs.
 
 Which terms the DiT paper counted, found by matching its table (Peebles & Xie, Table 4): patch embedding, the
 timestep-embedder MLP, every block's qkv / attention / proj / MLP, every block's adaLN linear (6 d^2 per sample;
@@ -16,12 +17,14 @@ block, i.e. elementwise work counted by the paper's (JAX) counter that this conv
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count,
+                                     sdpa_flop_count)
 
 from dcdit.config import ModelConfig
 from dcdit.errors import DCDiTError
@@ -137,8 +140,28 @@ def dcdit_macs(config: ModelConfig, kept_fraction: float | None = None, *,
     return MacCount({k: float(v) for k, v in terms.items()}, config.depth * config.num_heads * mean_sq, mean_kept)
 
 
+def tflops_per_image(cond: MacCount, steps: int = 250, uncond: MacCount | None = None) -> float:
+    """TFLOPs to generate one image in the v2 convention (`MacCount.v2_gflops`, +3 per attention score): steps x the
+    conditional branch, plus the unconditional one when guidance runs it (`uncond=cond` for CFG; Lite-CFG's cheaper
+    branch from `lite_cfg_branches`)."""
+    per_step = cond.v2_gflops + (uncond.v2_gflops if uncond is not None else 0.0)
+    return per_step * steps / 1e3
+
+
+def lite_cfg_branches(config: ModelConfig, kept_fraction: float | None = None, tail_drop: float = 0.0,
+                      uncond_tail_drop: float = 0.9) -> tuple[MacCount, MacCount]:
+    """DC-DiT's two Lite-CFG branches: the conditional one at tail drop `tail_drop` (rho) and the unconditional one at
+    0.9, both from the router's kept fraction (default 1/N); tail dropping keeps (1 - rho) of the kept tokens."""
+    fraction = 1.0 / config.downsample_factor if kept_fraction is None else float(kept_fraction)
+    for rho in (tail_drop, uncond_tail_drop):
+        if not 0.0 <= rho < 1.0:
+            raise DCDiTError(f"tail-drop fraction {rho} must be in [0, 1)")
+    return (dcdit_macs(config, fraction * (1 - tail_drop)), dcdit_macs(config, fraction * (1 - uncond_tail_drop)))
+
+
 def sampling_tflops(gmacs: float, steps: int = 250, cfg: bool = False) -> float:
-    """TFLOPs to generate one image: 2 FLOPs per MAC x sampling steps, x2 when both CFG branches are counted."""
+    """TFLOPs to generate one image from measured MACs: 2 FLOPs per MAC x sampling steps, x2 when both CFG branches
+    are counted. A FLOP counter does not see softmax, so this lacks the v2 convention's +3 per attention score."""
     return 2.0 * gmacs * steps * (2 if cfg else 1) / 1e3
 
 
@@ -166,12 +189,52 @@ def _cpu_flash_backward(grad_out_shape, query_shape, key_shape, value_shape, *ar
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _varlen_pairs(q: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> int:
+    """H x sum_b Lq_b Lk_b: the attention scores of a packed varlen call."""
+    lengths_q, lengths_k = cu_seqlens_q.diff().tolist(), cu_seqlens_k.diff().tolist()
+    return q.shape[1] * sum(lq * lk for lq, lk in zip(lengths_q, lengths_k, strict=True))
+
+
+def varlen_forward_flops(q, k, v, cu_seqlens_q, cu_seqlens_k, *args, **kwargs) -> int:
+    """flash-attn's varlen forward (q, k, v: (T, H, D)): QK^T and AV per sample, 4 d_head FLOPs per score."""
+    return 2 * _varlen_pairs(q, cu_seqlens_q, cu_seqlens_k) * (q.shape[2] + v.shape[2])
+
+
+def varlen_backward_flops(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, *args,
+                          **kwargs) -> int:
+    """flash-attn's varlen backward: torch's SDPA backward count per sample (scores recomputed, dP, dV, dQ, dK)."""
+    return 2 * _varlen_pairs(q, cu_seqlens_q, cu_seqlens_k) * (3 * q.shape[2] + 2 * v.shape[2])
+
+
+def register_varlen_attention_flops(forward_op, backward_op) -> None:
+    """Register the varlen formulas with torch's FLOP counter for ops laid out as flash-attn's
+    `_flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, ...)` and `_flash_attn_varlen_backward(dout,
+    q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, ...)`; torch has none, so packed DC-DiT
+    attention would count 0 on GPUs with flash-attn while a DiT's SDPA is counted. Registering twice is a no-op."""
+    for op, formula in ((forward_op, varlen_forward_flops), (backward_op, varlen_backward_flops)):
+        if op not in flop_registry:
+            register_flop_formula(op, get_raw=True)(formula)
+
+
+def _register_flash_attn() -> None:
+    """flash-attn (>= 2.6) registers its kernels as torch ops; give them the varlen formulas when it is installed."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return
+    import flash_attn  # noqa: F401  (registers torch.ops.flash_attn.*)
+
+    ops = getattr(torch.ops, "flash_attn", None)
+    if ops is not None and hasattr(ops, "_flash_attn_varlen_forward"):
+        register_varlen_attention_flops(ops._flash_attn_varlen_forward, ops._flash_attn_varlen_backward)
+
+
 def flop_counter() -> FlopCounterMode:
-    """torch's FlopCounterMode, also counting SDPA's CPU flash kernel (which torch leaves uncounted, as 0).
+    """torch's FlopCounterMode, also counting SDPA's CPU flash kernel (which torch leaves uncounted, as 0) and
+    flash-attn's varlen kernels when installed (`register_varlen_attention_flops`).
 
     Counts are FLOPs (2 per MAC). Every per-sample SDPA call of the packed-attention loop is counted with its own
     length, so packed attention comes out as H x sum_b L_b^2 terms.
     """
+    _register_flash_attn()
     aten = torch.ops.aten
     mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward,
                aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward}
@@ -233,6 +296,7 @@ def kept_fraction_of(kept: torch.Tensor, config: ModelConfig) -> float:
     return float(kept.double().mean()) / config.num_tokens
 
 
-__all__ = ["MacCount", "dit_macs", "dcdit_macs", "sampling_tflops", "dit_params",
-           "flop_counter", "measure_macs", "calibrate_router", "kept_fraction_of"]
+__all__ = ["MacCount", "dit_macs", "dcdit_macs", "tflops_per_image", "lite_cfg_branches", "sampling_tflops",
+           "dit_params", "flop_counter", "register_varlen_attention_flops", "measure_macs", "calibrate_router",
+           "kept_fraction_of"]
 

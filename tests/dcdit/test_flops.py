@@ -5,8 +5,8 @@ import torch
 
 from dcdit.baselines import flop_matched_dit, param_matched_dit
 from dcdit.config import ModelConfig, preset
-from dcdit.flops import (calibrate_router, dcdit_macs, dit_macs, dit_params, flop_counter,
-                         measure_macs, sampling_tflops)
+from dcdit.flops import (calibrate_router, dcdit_macs, dit_macs, dit_params, flop_counter, lite_cfg_branches,
+                         measure_macs, register_varlen_attention_flops, sampling_tflops, tflops_per_image)
 from dcdit.models import build_model, count_params, forward_macs
 
 # Peebles & Xie, Table 4: forward "Gflops" (multiply-accumulates) at 256px, latent 32x32.
@@ -128,6 +128,97 @@ def test_v2_convention_adds_three_flops_per_attention_score():
     head_dim = config.hidden_size // config.num_heads
     inside = scores * (4 * head_dim + 3)
     assert macs.v2_gflops * 1e9 == pytest.approx(2 * (macs.total - macs.terms["attention"]) + inside)
+
+
+def test_v2_flops_of_a_packed_batch_are_the_attention_scores_plus_the_rest_by_hand():
+    config = ModelConfig(arch="dcdit", depth=1, hidden_size=8, num_heads=2, input_size=4, in_channels=1,
+                         num_classes=10, scaffold_width=4, encoder_blocks=1, decoder_blocks=1)
+    lengths = [2, 3, 5]  # kept tokens of three packed samples, 16 grid positions each
+    per_sample = dcdit_macs(config, kept_tokens=lengths).v2_gflops * 1e9
+    # By hand, MACs of the whole batch outside attention (d = 8, scaffold w = 4, L = 16, router width d/4 = 2):
+    positions, kept, kept_sq = 16, sum(lengths), sum(n * n for n in lengths)
+    per_sample_terms = (9 * 1 * 4 * positions  # patch-1 embed conv 3x3, 1 -> 4 channels
+                        + 256 * 8 + 8 * 8  # timestep MLP
+                        + (9 * 4 * 4 + 9 * 4 * 8 + 4 * 8) * positions + 8 * 4  # encoder block 4 -> 8 (+ skip, cond)
+                        + 8 * 8 * positions  # residual projection
+                        + (8 * 2 + 9 * 2 * 2 + 9 * 2 * 2 + 2) * positions  # router
+                        + 6 * 8 * 8  # adaLN, once per sample
+                        + (9 * 8 * 4 + 9 * 4 * 4 + 8 * 4) * positions + 8 * 4  # decoder block 8 -> 4
+                        + 2 * 8 * 4 + 4 * 2 * positions)  # final adaLN and linear (2 output channels)
+    per_token_terms = 3 * 64 + 64 + 2 * 8 * 32  # qkv, proj, MLP on each kept token
+    rest_macs = 3 * per_sample_terms + per_token_terms * kept + 8 * kept_sq  # + de-chunk's M x M smoothing
+    attention = 2 * kept_sq * (4 * 4 + 3)  # H * sum_b L_b^2 * (4 d_head + 3), one block
+    assert 3 * per_sample == pytest.approx(2 * rest_macs + attention, rel=1e-12)
+    assert 2 * rest_macs + attention == 141252  # the same sum written out once
+
+
+@pytest.mark.parametrize("name,paper_tflops", [("DiT-S/2", 3.02), ("DiT-B/2", 11.46), ("DiT-L/2", 40.21),
+                                               ("DiT-XL/2", 59.00)])
+def test_tflops_per_image_is_within_a_percent_of_the_v2_table(name, paper_tflops):
+    # DC-DiT v2's table: TFLOPs per image over 250 steps, no guidance (the DiT rows; its counter sees a little less).
+    assert tflops_per_image(dit_macs(preset(name)), 250) == pytest.approx(paper_tflops, rel=0.01)
+
+
+def test_cfg_doubles_and_lite_cfg_runs_the_unconditional_branch_on_a_tenth_of_the_kept_tokens():
+    config = preset("DC-DiT-B")
+    cond, uncond = lite_cfg_branches(config)
+    assert (cond.kept_tokens, uncond.kept_tokens) == (pytest.approx(256), pytest.approx(25.6))
+    assert tflops_per_image(cond, 250, cond) == pytest.approx(2 * 250 * cond.v2_gflops / 1e3)
+    assert tflops_per_image(cond, 250, uncond) == pytest.approx(250 * (cond.v2_gflops + uncond.v2_gflops) / 1e3)
+    rho_cond, _ = lite_cfg_branches(config, tail_drop=0.2)
+    assert rho_cond.kept_tokens == pytest.approx(256 * 0.8)
+
+
+@torch.library.custom_op("dcdit_test::varlen_attention_forward", mutates_args=())
+def _standin_varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                            max_seqlen_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CPU stand-in with flash-attn's varlen layout: (T, H, D) packed tensors, cumulative lengths."""
+    outs = []
+    for start, end in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), strict=True):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1))
+    return torch.cat(outs), q.new_zeros(q.shape[1], q.shape[0])
+
+
+@torch.library.custom_op("dcdit_test::varlen_attention_backward", mutates_args=())
+def _standin_varlen_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                             softmax_lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                             cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                             max_seqlen_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)  # only the count matters here
+
+
+def _standin_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = _standin_varlen_backward(grad_out, q, k, v, out, lse, torch.empty_like(q), torch.empty_like(k),
+                                          torch.empty_like(v), cu_q, cu_k, ctx.max_q, ctx.max_k)
+    return dq, dk, dv, None, None, None, None
+
+
+def _standin_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
+    ctx.max_q, ctx.max_k = max_q, max_k
+
+
+_standin_varlen_forward.register_autograd(_standin_backward, setup_context=_standin_setup)
+
+
+def test_varlen_attention_is_counted_through_torchs_flop_registration():
+    register_varlen_attention_flops(torch.ops.dcdit_test.varlen_attention_forward,
+                                    torch.ops.dcdit_test.varlen_attention_backward)
+    lengths, heads, head_dim = [3, 5, 7], 2, 8
+    cu = torch.tensor([0, 3, 8, 15], dtype=torch.int32)
+    q, k, v = (torch.randn(15, heads, head_dim, requires_grad=True) for _ in range(3))
+    with flop_counter() as counter:
+        out, _ = torch.ops.dcdit_test.varlen_attention_forward(q, k, v, cu, cu, 7, 7)
+        out.sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    scores = heads * sum(n * n for n in lengths)  # H * sum_b L_b^2 = 166, never the padded B * H * 7^2 = 294
+    assert counts[torch.ops.dcdit_test.varlen_attention_forward] == scores * 4 * head_dim  # QK^T and AV
+    # torch's SDPA backward convention: scores recomputed, dP, dV, dQ, dK: 10 d_head FLOPs per score.
+    assert counts[torch.ops.dcdit_test.varlen_attention_backward] == scores * 10 * head_dim
 
 
 def test_sampling_tflops():

@@ -21,7 +21,10 @@ def test_flops_dit_xl2_prints_the_paper_gmacs_as_json():
     assert round(summary["gmacs"], 1) == 118.6
     assert summary["params"] == 674_834_720
     assert summary["input_size"] == 32
-    assert summary["tflops_per_image"] == pytest.approx(2 * summary["gmacs"] * 250 / 1e3, rel=1e-4)
+    # v2 convention: 2 FLOPs per MAC, +3 per attention score (28 blocks x 16 heads x 256^2 scores)
+    scores = 28 * 16 * 256**2
+    assert summary["tflops_per_image"] == pytest.approx((2 * summary["gmacs"] * 1e9 + 3 * scores) * 250 / 1e12,
+                                                        rel=1e-4)
     assert summary["cfg_branches_counted"] == 1
 
 
@@ -29,7 +32,15 @@ def test_flops_cfg_counts_both_branches_and_steps():
     proc = run_dcdit("flops", "DiT-B/2", "--json", "--cfg", "--sampling-steps", "100")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["cfg_branches_counted"] == 2
-    assert summary["tflops_per_image"] == pytest.approx(2 * 2 * summary["gmacs"] * 100 / 1e3, rel=1e-4)
+    assert summary["tflops_per_image"] == pytest.approx(2 * summary["v2_gflops"] * 100 / 1e3, rel=1e-4)
+
+
+def test_flops_lite_cfg_counts_the_unconditional_branch_at_a_tenth_of_the_kept_tokens():
+    lite = json.loads(run_dcdit("flops", "DC-DiT-B", "--json", "--lite-cfg").stdout.strip().splitlines()[-1])
+    uncond = json.loads(run_dcdit("flops", "DC-DiT-B", "--json", "--kept-fraction",
+                                  str(0.25 * 0.1)).stdout.strip().splitlines()[-1])
+    assert (lite["guidance"], lite["cfg_branches_counted"]) == ("lite-cfg", 2)
+    assert lite["tflops_per_image"] == pytest.approx((lite["v2_gflops"] + uncond["v2_gflops"]) * 250 / 1e3, rel=1e-3)
 
 
 def test_flops_dcdit_measured_next_to_analytic():

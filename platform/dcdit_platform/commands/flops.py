@@ -11,8 +11,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "flops", help="parameters, GMACs per forward pass and TFLOPs per generated image",
         description="Counts multiply-accumulates of one forward pass of one sample (the DiT paper's 'Gflops': "
-                    "DiT-XL/2 = 118.6) and TFLOPs per image = 2 x MACs x sampling steps (x2 with --cfg). DC-DiT "
-                    "is counted analytically at a kept fraction (default 1/N); --measure also runs the model under "
+                    "DiT-XL/2 = 118.6) and TFLOPs per image in the DC-DiT v2 convention (2 FLOPs per MAC, +3 per "
+                    "attention score) x sampling steps x branches (--cfg: two; --lite-cfg: the unconditional one at "
+                    "tail drop 0.9). DC-DiT is counted analytically at a kept fraction (default 1/N); --measure also "
+                    "runs the model under "
                     "torch's FlopCounterMode on a random batch, its untrained router calibrated to that fraction.")
     p.add_argument("model", metavar="MODEL", help="preset name, e.g. DiT-XL/2 or DC-DiT-B")
     p.add_argument("--image-size", type=int, default=256, help="image side; latents are 1/8 of it (default 256)")
@@ -22,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=4, help="samples in the measured batch (default 4)")
     p.add_argument("--sampling-steps", type=int, default=250, help="steps per generated image (default 250)")
     p.add_argument("--cfg", action="store_true", help="count both classifier-free guidance branches")
+    p.add_argument("--lite-cfg", action="store_true",
+                   help="DC-DiT's Lite-CFG: count the unconditional branch at tail drop 0.9")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=flops)
@@ -32,7 +36,8 @@ def flops(args: argparse.Namespace) -> int:
 
     summary = flops_summary(CostQuery(model=args.model, image_size=args.image_size, pixel=args.pixel,
                                       kept_fraction=args.kept_fraction, sampling_steps=args.sampling_steps,
-                                      cfg=args.cfg, measure=args.measure, batch=args.batch, seed=args.seed))
+                                      cfg=args.cfg, lite_cfg=args.lite_cfg, measure=args.measure,
+                                      batch=args.batch, seed=args.seed))
     if args.json:
         print_json(summary)
         return 0

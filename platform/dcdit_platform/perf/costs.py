@@ -11,7 +11,8 @@ import torch
 from dcdit.baselines import flop_matched_dit, param_matched_dit
 from dcdit.config import preset
 from dcdit.errors import DCDiTError
-from dcdit.flops import calibrate_router, dcdit_macs, dit_macs, dit_params, measure_macs, sampling_tflops
+from dcdit.flops import (calibrate_router, dcdit_macs, dit_macs, dit_params, lite_cfg_branches, measure_macs,
+                         sampling_tflops, tflops_per_image)
 from dcdit.models import build_model, count_params, family_of, forward_macs
 
 
@@ -25,6 +26,7 @@ class CostQuery:
     kept_fraction: float | None = None
     sampling_steps: int = 250
     cfg: bool = False
+    lite_cfg: bool = False  # DC-DiT's Lite-CFG: the unconditional branch at tail drop 0.9
     measure: bool = False
     batch: int = 4
     seed: int = 0
@@ -40,17 +42,23 @@ def flops_summary(args: CostQuery) -> dict:
     routed = family_of(config).routed
     if args.kept_fraction is not None and not routed:
         raise DCDiTError(f"--kept-fraction applies to DC-DiT models; {args.model} runs on every patch")
+    if args.lite_cfg and not routed:
+        raise DCDiTError(f"--lite-cfg drops tokens of a DC-DiT's unconditional branch; {args.model} has no router "
+                         "(use --cfg)")
     macs = forward_macs(config, args.kept_fraction)
+    uncond = lite_cfg_branches(config, args.kept_fraction)[1] if args.lite_cfg else macs if args.cfg else None
     summary = {
         "model": args.model, "arch": config.arch, "image_size": args.image_size, "input_size": config.input_size,
         "params": count_params(config), "gmacs": round(macs.gmacs, 4),
-        "tflops_per_image": round(sampling_tflops(macs.gmacs, args.sampling_steps, args.cfg), 4),
-        "sampling_steps": args.sampling_steps, "cfg_branches_counted": 2 if args.cfg else 1,
+        "tflops_per_image": round(tflops_per_image(macs, args.sampling_steps, uncond), 4),
+        "sampling_steps": args.sampling_steps, "cfg_branches_counted": 1 if uncond is None else 2,
+        "guidance": "lite-cfg" if args.lite_cfg else "cfg" if args.cfg else "none",
         "v2_gflops": round(macs.v2_gflops, 4),
         "breakdown_gmacs": {k: round(v / 1e9, 4) for k, v in macs.terms.items()},
         "convention": "gmacs: multiply-accumulates of one forward pass of one sample (matmuls and convolutions, "
                       "attention 2 d sum_b L_b^2 per block); v2_gflops: FLOPs with attention counted as "
-                      "H sum_b L_b^2 (4 d_head + 3) (DC-DiT v2)",
+                      "H sum_b L_b^2 (4 d_head + 3) (DC-DiT v2); tflops_per_image: v2 FLOPs x steps x branches "
+                      "(Lite-CFG: the unconditional branch at tail drop 0.9); measured: 2 FLOPs per counted MAC",
     }
     if routed:
         fraction = (1.0 / config.downsample_factor if args.kept_fraction is None else args.kept_fraction)
