@@ -1,8 +1,8 @@
 """Upcycling: a DC-DiT initialised from a pretrained DiT (arXiv 2603.06351 v1, "Upcycling").
 
 The DiT's timestep/class embedders and blocks are copied unchanged; the chunking scaffold (encoder, router,
-residual, decoder, final layer at patch size 1) starts fresh. `UpcycleResult` says which tensors went where;
-`BlockDistiller` anchors the copied blocks to the frozen DiT during the warm-up.
+residual, decoder, final layer at patch size 1) starts fresh, its kept tokens placed in the DiT's position frame.
+`UpcycleResult` says which tensors went where; dcdit.distill's `BlockDistiller` runs the warm-up.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from dcdit.config import PRESETS, ModelConfig, from_dict, preset
 from dcdit.errors import DCDiTError
@@ -73,6 +72,8 @@ def upcycle(dit_or_path: DiT | str | os.PathLike, target: str | ModelConfig | No
     channels and classes are taken from the DiT), a full `ModelConfig`, or None for the DiT's own size.
     `downsample_factor`, `cond_adaptor` (the paper's trainable LayerNorm on the scaffold's conditioning) and
     `overrides` change the target config; left at None they keep the target's values (4.0 and False for presets).
+    Kept tokens get positions in the DiT's frame (`position_patch_size` = its patch size): a preset or None target
+    takes it, a full config must state it (or override it).
     Shapes are checked before the model is built: a target that does not fit raises a DCDiTError listing the
     tensors that differ.
     """
@@ -122,10 +123,16 @@ def _target_config(dit: ModelConfig, target: str | ModelConfig | None, changes: 
     else:
         raise DCDiTError(f"upcycle target must be a preset name like 'DC-DiT-XL' or a ModelConfig, "
                          f"got {type(target).__name__}")
+    if not isinstance(target, ModelConfig) and "position_patch_size" not in changes:
+        changes = {**changes, "position_patch_size": dit.patch_size}
     config = config.replace(**changes) if changes else config
     if not _builds_dcdit(config.arch):
         raise DCDiTError(f"upcycle target has arch={config.arch!r}; upcycling builds a DC-DiT, "
                          f"pick a DC-DiT preset such as 'DC-DiT-XL'")
+    if config.position_patch_size != dit.patch_size and "position_patch_size" not in changes:
+        raise DCDiTError(f"the DC-DiT target places kept tokens in the position frame of patch size "
+                         f"{config.position_patch_size} but the DiT's blocks were trained at patch size "
+                         f"{dit.patch_size}; set model.position_patch_size={dit.patch_size}")
     return config
 
 
@@ -175,45 +182,4 @@ def freeze_embedders(model: nn.Module) -> list[str]:
     return frozen
 
 
-class BlockDistiller:
-    """Upcycling warm-up: MSE between the student's DiT-block outputs and the frozen teacher's blocks applied to the
-    same packed kept tokens and conditioning (captured from the student's forward). The teacher anchors the
-    copied blocks to the function they had while the new scaffold learns; a trainer adds `weight * loss()` to the
-    objective for the first steps, then `close()`s it."""
-
-    def __init__(self, student: nn.Module, teacher: nn.Module):
-        if len(student.blocks) != len(teacher.blocks):
-            raise DCDiTError(f"the teacher has {len(teacher.blocks)} blocks, the student {len(student.blocks)}")
-        self.teacher = teacher
-        self.inputs: tuple | None = None
-        self.outputs: list[torch.Tensor] = []
-        self._handles = [student.blocks[0].register_forward_pre_hook(self._capture_input)]
-        self._handles += [block.register_forward_hook(self._capture_output) for block in student.blocks]
-
-    def _capture_input(self, module, args):
-        self.inputs = args  # (tokens (T, d), conditioning (B, d), packing)
-        self.outputs = []
-
-    def _capture_output(self, module, args, output):
-        self.outputs.append(output)
-
-    def loss(self) -> torch.Tensor:
-        if self.inputs is None or not self.outputs:
-            raise RuntimeError("BlockDistiller.loss() needs a student forward pass first")
-        x, c, packing = self.inputs
-        with torch.no_grad():
-            x, c, targets = x.detach(), c.detach(), []
-            for block in self.teacher.blocks:
-                x = block(x, c, packing)
-                targets.append(x)
-        losses = [F.mse_loss(out.float(), target.float()) for out, target in zip(self.outputs, targets)]
-        self.inputs, self.outputs = None, []
-        return torch.stack(losses).mean()
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-
-__all__ = ["UpcycleResult", "upcycle", "freeze_embedders", "BlockDistiller", "SHARED_PREFIXES"]
+__all__ = ["UpcycleResult", "upcycle", "freeze_embedders", "SHARED_PREFIXES"]

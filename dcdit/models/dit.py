@@ -229,13 +229,28 @@ class DiT(ConditionedBackbone):
         x = x.reshape(b, side, side, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, side * p, side * p)
 
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Packing]:
+        """Patches with their positions, packed: (B * n, d) tokens and their (uniform) packing."""
+        tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        b, n, d = tokens.shape
+        return tokens.reshape(b * n, d), Packing.uniform(b, n, device=x.device)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, return_routing: bool = False,
                 force_drop_ids: torch.Tensor | None = None):
         """Predict (B, out_channels, H, W); with return_routing, also the routing (None: DiT does not route)."""
         c = self.condition(t, y, force_drop_ids)
-        tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        b, n, d = tokens.shape
-        packing = Packing.uniform(b, n, device=x.device)
-        tokens = self.run_blocks(tokens.reshape(b * n, d), c, packing).view(b, n, d)
+        tokens, packing = self.embed(x)
+        tokens = self.run_blocks(tokens, c, packing).view(x.shape[0], -1, tokens.shape[-1])
         out = self.unpatchify(self.final_layer(tokens, c))
         return (out, None) if return_routing else out
+
+    def block_outputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """(B, n, d) output of every block for inputs x, timesteps t and labels y taken as given (no class dropout;
+        y may hold the null class): what an upcycling teacher provides."""
+        c = self.t_embedder(t) + self.y_embedder.embedding_table(y)
+        tokens, packing = self.embed(x)
+        outputs = []
+        for block in self.blocks:
+            tokens = block(tokens, c, packing)
+            outputs.append(tokens.view(x.shape[0], -1, tokens.shape[-1]))
+        return outputs

@@ -1,8 +1,11 @@
 """upcycle: which tensors are copied, which are new, what is skipped, and that the copied backbone computes
-exactly what the DiT's did; targets that do not fit are refused with the tensors named. BlockDistiller: the
-warm-up loss is the MSE of the student's blocks against the teacher's blocks on the same inputs."""
+exactly what the DiT's did, with kept tokens in the DiT's position frame; targets that do not fit are refused with
+the tensors named. BlockDistiller: the teacher runs on the same x_t at its own patch size, and each kept student
+token is matched to the teacher's output at the patch containing it."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -11,7 +14,8 @@ from dcdit.config import ModelConfig, preset
 from dcdit.errors import DCDiTError
 from dcdit.models import DCDiT, DiT
 from dcdit.models.attention import Packing
-from dcdit.upcycle import BlockDistiller, freeze_embedders, upcycle
+from dcdit.distill import BlockDistiller
+from dcdit.upcycle import freeze_embedders, upcycle
 
 TINY = dict(depth=2, hidden_size=32, num_heads=2, input_size=8, num_classes=10)
 
@@ -28,7 +32,7 @@ def dit():
 
 
 def target(**changes) -> ModelConfig:
-    return ModelConfig(arch="dcdit", **{**TINY, **changes})
+    return ModelConfig(arch="dcdit", **{**TINY, "position_patch_size": 2, **changes})
 
 
 def test_copied_equal_source_and_every_tensor_is_accounted_for(dit):
@@ -142,55 +146,98 @@ def _perturbed(model, seed: int):
     return model
 
 
-def _student_forward(student, seed: int = 4):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(3, 4, 8, 8, generator=gen)
-    return student(x, torch.tensor([5, 400, 900]), torch.tensor([0, 3, 7]))
+def test_kept_tokens_get_positions_in_the_dits_coordinate_frame(dit):
+    model = upcycle(dit, None).model
+    assert model.config.position_patch_size == 2
+    # Grid position (r, c) sits at ((r - 0.5) / 2, (c - 0.5) / 2) on the DiT/2's patch grid: a patch's centre is the
+    # patch's own coordinate. DiT's layout: sin/cos of the column for the first half, then of the row.
+    d, r, c = 32, 3, 6
+    row, col = (r - 0.5) / 2, (c - 0.5) / 2
+    omega = [1 / 10000 ** (i / (d // 4)) for i in range(d // 4)]
+    expected = ([math.sin(col * w) for w in omega] + [math.cos(col * w) for w in omega]
+                + [math.sin(row * w) for w in omega] + [math.cos(row * w) for w in omega])
+    torch.testing.assert_close(model.positions(torch.tensor([r * 8 + c]))[0], torch.tensor(expected),
+                               rtol=0, atol=1e-6)
+    with pytest.raises(DCDiTError, match="set model.position_patch_size=2"):
+        upcycle(dit, target(position_patch_size=1))
 
 
-def test_distill_loss_is_the_mse_against_the_teacher_blocks_on_the_captured_inputs(dit):
-    student = upcycle(dit, target()).model.eval()
-    teacher = _perturbed(DiT(ModelConfig(arch="dit", patch_size=2, **TINY)), seed=9).eval().requires_grad_(False)
-    seen: dict = {"outputs": []}  # our own record of what the student's blocks received and returned
-    hooks = [student.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(inputs=args))]
-    hooks += [b.register_forward_hook(lambda m, args, out: seen["outputs"].append(out.detach()))
-              for b in student.blocks]
+# A hand-built 4x4 case: a DiT/2 teacher sees 2x2 patches; the student routes over the 16 positions.
+CONTAINING_PATCH = {0: 0, 1: 0, 2: 1, 3: 1, 4: 0, 5: 0, 6: 1, 7: 1, 8: 2, 9: 2, 10: 3, 11: 3, 12: 2, 13: 2, 14: 3, 15: 3}
+SMALL = dict(depth=2, hidden_size=32, num_heads=2, input_size=4, num_classes=10, class_dropout_prob=0.5)
+
+
+def _small_pair(router: str = "random"):
+    torch.manual_seed(0)
+    teacher = _perturbed(DiT(ModelConfig(arch="dit", patch_size=2, **SMALL)), seed=2).eval().requires_grad_(False)
+    student = upcycle(teacher, None, router=router, downsample_factor=2.0).model.train()
+    return teacher, student
+
+
+def test_distillation_target_is_the_teachers_block_output_at_the_containing_patch():
+    teacher, student = _small_pair()
     distiller = BlockDistiller(student, teacher)
-    _student_forward(student)
-    loss = distiller.loss()
+    gen = torch.Generator().manual_seed(3)
+    x, t, y = torch.randn(3, 4, 4, 4, generator=gen), torch.tensor([10, 500, 990]), torch.tensor([1, 2, 3])
+    drop = torch.tensor([0, 1, 0])  # the second sample's label is dropped to the null class (10)
+    _, routing = student(x, t, y, force_drop_ids=drop, return_routing=True)
+    targets = distiller.targets()
+
+    # The teacher, by hand: its own patch embed and positions on the same x_t, its own embedders on t and the labels
+    # the student used; every block's output recorded.
+    expected_blocks = []
+    hooks = [b.register_forward_hook(lambda m, a, out: expected_blocks.append(out.view(3, 4, -1)))
+             for b in teacher.blocks]
+    with torch.no_grad():
+        teacher(x, t, torch.tensor([1, 10, 3]))
     for hook in hooks:
         hook.remove()
+    kept = [(b, pos) for b in range(3) for pos in range(16) if routing.mask[b, pos]]
+    assert len({(b, CONTAINING_PATCH[p]) for b, p in kept}) < len(kept), "the case needs two tokens in one patch"
+    assert len(targets) == 2
+    for block, target_rows in enumerate(targets):
+        assert target_rows.shape == (len(kept), 32)
+        for row, (b, pos) in enumerate(kept):
+            torch.testing.assert_close(target_rows[row], expected_blocks[block][b, CONTAINING_PATCH[pos]],
+                                       rtol=0, atol=0)
 
-    tokens, cond, packing = seen["inputs"]
-    expected, x = [], tokens
+
+def test_distill_loss_is_the_mean_block_mse_and_is_not_zero_at_step_0():
+    teacher, student = _small_pair(router="predictability")  # a fresh upcycle: its scaffold is untrained
     with torch.no_grad():
-        for block, out in zip(teacher.blocks, seen["outputs"]):
-            x = block(x, cond, packing)
-            expected.append(((out.float() - x.float()) ** 2).mean())
-    assert len(expected) == len(student.blocks) == 2
-    torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-6, atol=0)
-    assert float(loss.detach()) > 1e-4  # a different teacher: the loss is not trivially zero
-    assert loss.requires_grad  # it trains the student's blocks (the teacher's side is constant)
+        student.router.scorer[-1].bias.fill_(5.0)  # keep every token, so each teacher patch has 4 students
+    seen = []
+    for block in student.blocks:
+        block.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    distiller = BlockDistiller(student, teacher)
+    gen = torch.Generator().manual_seed(4)
+    x, t, y = torch.randn(2, 4, 4, 4, generator=gen), torch.tensor([100, 800]), torch.tensor([5, 6])
+    student(x, t, y, force_drop_ids=torch.tensor([0, 0]))
+    targets = distiller.targets()
+    loss = distiller.loss()
+    expected = torch.stack([(out - target).square().mean() for out, target in zip(seen, targets, strict=True)])
+    torch.testing.assert_close(loss.detach(), expected.mean(), rtol=1e-6, atol=0)
+    # The student's tokens come from its new conv scaffold, the teacher's from its patchify: far apart at step 0
+    # (the old target, the teacher's blocks on the student's own tokens, gave exactly 0 here).
+    scale = torch.stack([target.square().mean() for target in targets]).mean()
+    assert float(loss.detach()) > 0.05 * float(scale)
+    assert loss.requires_grad  # it trains the student; the teacher's side is constant
+    loss.backward()
+    assert student.encoder[0].conv1.weight.grad is not None  # the teacher's signal reaches the new scaffold
 
 
-def test_distill_loss_is_zero_when_the_student_blocks_are_the_teacher(dit):
-    student = upcycle(dit, target()).model.eval()  # its blocks are copies of the DiT's
-    distiller = BlockDistiller(student, dit)
-    _student_forward(student)
-    assert float(distiller.loss()) == 0.0
-
-
-def test_distiller_needs_a_forward_first_and_stops_capturing_once_closed(dit):
-    student = upcycle(dit, target()).model.eval()
-    distiller = BlockDistiller(student, dit)
+def test_distiller_needs_a_forward_first_and_stops_capturing_once_closed():
+    teacher, student = _small_pair()
+    distiller = BlockDistiller(student, teacher)
     with pytest.raises(RuntimeError, match="forward pass first"):
         distiller.loss()
-    _student_forward(student)
+    x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([5, 50]), torch.tensor([0, 1])
+    student(x, t, y)
     distiller.loss()
     with pytest.raises(RuntimeError, match="forward pass first"):  # each forward's capture is used once
         distiller.loss()
     distiller.close()
-    _student_forward(student)
-    assert distiller.inputs is None and distiller.outputs == []
+    student(x, t, y)
+    assert distiller.captured == {} and distiller.outputs == []
     with pytest.raises(DCDiTError, match="the teacher has 2 blocks, the student 3"):
-        BlockDistiller(DCDiT(target(depth=3)), dit)
+        BlockDistiller(DCDiT(target(depth=3)), teacher)

@@ -15,7 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from dcdit.checkpoint import Checkpoint, restore_rng_state
 from dcdit.models import build_model
 from dcdit.pretrained import load_dit
-from dcdit.upcycle import BlockDistiller, freeze_embedders, upcycle
+from dcdit.distill import BlockDistiller
+from dcdit.upcycle import freeze_embedders, upcycle
 from dcdit_platform.config import ExperimentConfig
 from dcdit_platform.training.runtime import Runtime
 

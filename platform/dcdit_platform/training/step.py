@@ -15,7 +15,7 @@ import torch.nn as nn
 from dcdit.diffusion import create_diffusion
 from dcdit.models import family_of
 from dcdit.objective import TrainingObjective
-from dcdit.upcycle import BlockDistiller
+from dcdit.distill import BlockDistiller
 from dcdit_platform.config import ExperimentConfig
 from dcdit_platform.training.metrics import StepResult, StepStats
 from dcdit_platform.training.runtime import Runtime

@@ -155,7 +155,8 @@ def tiny_dit(tmp_path_factory):
 def test_upcycling_distills_first_then_trains_and_resumes_in_the_right_phase(store, tiny_dit):
     path, dit = tiny_dit
     upcycling = {"init_from": path, "distill_steps": 2, "steps": 4, "freeze_embedders": True, "cond_adaptor": True}
-    straight = run(store, "upcycle", train=upcycling, checkpoint={"every": 1, "keep": 4})
+    frame = {"position_patch_size": 2}  # kept tokens in the DiT/2 teacher's position frame
+    straight = run(store, "upcycle", train=upcycling, model=frame, checkpoint={"every": 1, "keep": 4})
     tracker = Tracker(straight["tracking_uri"])
     assert steps_logged(tracker, straight["mlflow_run_id"], "train/distill_loss") == [1, 2]
     assert steps_logged(tracker, straight["mlflow_run_id"]) == [1, 2, 3, 4]
@@ -167,7 +168,7 @@ def test_upcycling_distills_first_then_trains_and_resumes_in_the_right_phase(sto
     state = load_checkpoint(os.path.join(store, "upcycle", "checkpoint_00000001")).state
     assert state["phase"] == "distill"
 
-    first = run(store, "upcycle-resumed", train={**upcycling, "steps": 1})  # stopped inside the warm-up
-    second = run(store, "upcycle-resumed", train=upcycling)
+    first = run(store, "upcycle-resumed", train={**upcycling, "steps": 1}, model=frame)  # stopped in the warm-up
+    second = run(store, "upcycle-resumed", train=upcycling, model=frame)
     assert max_abs_diff(load_weights(second["checkpoint"])[0], model) <= 1e-6
     assert steps_logged(tracker, first["mlflow_run_id"], "train/distill_loss") == [1, 2]
