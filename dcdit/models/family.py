@@ -37,6 +37,10 @@ class ModelFamily:
         """Analytic MACs of one forward pass of one sample (dcdit.flops' convention)."""
         raise NotImplementedError
 
+    def router_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters that decide which tokens the backbone sees (none for a model without a learned router)."""
+        return []
+
     def label(self, config: ModelConfig) -> str:
         """A short name usable in run names ("DiT_2", "DC-DiT")."""
         return self.display_name
@@ -79,6 +83,9 @@ class DCDiTFamily(ModelFamily):
 
     def forward_macs(self, config, kept_fraction=None, *, kept_tokens=None):
         return dcdit_macs(config, kept_fraction, kept_tokens=kept_tokens)
+
+    def router_parameters(self, model):
+        return list(model.router.parameters())  # empty for the random and grid controls
 
 
 FAMILIES: dict[str, ModelFamily] = {f.arch: f for f in (DiTFamily(), DCDiTFamily())}

@@ -106,6 +106,7 @@ class StepResult:
     tail_drop: float = 0.0
     target_n: float | None = None
     distilling: bool = False
+    router_grad_norm: float = 0.0  # before clipping; 0 for models without a learned router
 
 
 class MetricWindow:
@@ -128,6 +129,7 @@ class MetricWindow:
         self.stats = StepStats()
         self.steps = 0
         self.grad_norm = 0.0
+        self.router_grad_norm = 0.0
         self.distill_samples = 0.0
         self.started = time.perf_counter()
         self.last: StepResult | None = None
@@ -136,6 +138,7 @@ class MetricWindow:
         self.stats += result.stats
         self.steps += 1
         self.grad_norm += result.grad_norm
+        self.router_grad_norm += result.router_grad_norm
         if result.distilling:
             self.distill_samples += result.stats["samples"]
         self.last = result
@@ -165,11 +168,13 @@ class MetricWindow:
     def _router_metrics(self, wall: float) -> dict[str, float]:
         s, n = self.stats, max(self.stats["samples"], 1.0)
         kept, router_kept, grid = s["kept_tokens"], s["router_kept_tokens"], s["grid_tokens"]
-        out = {"train/ratio_loss": s["ratio_loss"] / n,
-               "router/kept_fraction": kept / max(grid, 1.0),
+        out = {"router/kept_fraction": kept / max(grid, 1.0),
                "router/compression_natural": grid / max(router_kept, 1.0),
                "router/compression_effective": grid / max(kept, 1.0),
                "perf/tokens_per_s": kept / wall}
+        if self.config.model.learned_router:  # the random and grid controls have neither
+            out["train/ratio_loss"] = s["ratio_loss"] / n
+            out["optim/router_grad_norm"] = self.router_grad_norm / max(self.steps, 1)
         num_timesteps = self.config.diffusion.num_timesteps
         for b in range(TIMESTEP_BUCKETS):
             count = s.bucket_count(b)

@@ -43,6 +43,16 @@ def micro_seed(seed: int, step: int, index: int) -> int:
 
 
 @torch.no_grad()
+def router_grad_norm(model: nn.Module, config: ExperimentConfig) -> float:
+    """L2 norm of the router's gradient before clipping (0 without a learned router): how strongly the STE gate and
+    the ratio loss move the routing, a diagnostic for budgets that drift or collapse."""
+    grads = [p.grad for p in family_of(config.model).router_parameters(model) if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+@torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, over every parameter."""
     ema_params = list(ema.parameters())
@@ -85,8 +95,10 @@ def train_step(state: TrainState, objective: TrainingObjective, x: torch.Tensor,
         stats.all_reduce()
     stats = stats.cpu()
 
+    router_norm = router_grad_norm(state.model, config)
+
     def result(grad_norm: float, finite: bool) -> StepResult:
-        return StepResult(stats, grad_norm, finite, lr, tail_drop, target_n, distiller is not None)
+        return StepResult(stats, grad_norm, finite, lr, tail_drop, target_n, distiller is not None, router_norm)
 
     if stats["nonfinite"] > 0:
         return result(float("nan"), False)

@@ -20,8 +20,8 @@ DIT = {"arch": "dit", "depth": 2, "hidden_size": 32, "num_heads": 2, "input_size
        "num_classes": 4, "patch_size": 2}
 COMMON = {"train/loss", "train/diffusion_loss", "optim/grad_norm", "optim/lr", "perf/images_per_s",
           "perf/step_time_s", "perf/tokens_per_s", "perf/gflops_per_s", "step"}
-ROUTER = {"train/ratio_loss", "router/kept_fraction", "router/compression_natural", "router/compression_effective",
-          "router/tail_drop", "router/target_n"}
+ROUTER = {"train/ratio_loss", "optim/router_grad_norm", "router/kept_fraction", "router/compression_natural",
+          "router/compression_effective", "router/tail_drop", "router/target_n"}
 
 
 def _routing(mask: list[list[int]], router_mask: list[list[int]]) -> Routing:
@@ -76,8 +76,10 @@ def test_stats_add_up_elementwise():
 def test_routed_window_means_and_names():
     config = build_config(tiny_config())
     window = MetricWindow(config)
-    window.add(StepResult(_routed_stats(), grad_norm=1.0, finite=True, lr=1e-3, tail_drop=0.1, target_n=3.0))
-    window.add(StepResult(_routed_stats(), grad_norm=3.0, finite=True, lr=2e-3, tail_drop=0.25, target_n=4.0))
+    window.add(StepResult(_routed_stats(), grad_norm=1.0, finite=True, lr=1e-3, tail_drop=0.1, target_n=3.0,
+                          router_grad_norm=0.5))
+    window.add(StepResult(_routed_stats(), grad_norm=3.0, finite=True, lr=2e-3, tail_drop=0.25, target_n=4.0,
+                          router_grad_norm=0.25))
     m = window.metrics(7)
     assert set(m) == COMMON | ROUTER | {"router/kept_fraction_t0000_0199", "router/kept_fraction_t0400_0599",
                                         "router/kept_fraction_t0800_0999"}  # no distilling step: no distill loss
@@ -85,6 +87,7 @@ def test_routed_window_means_and_names():
     assert m["train/loss"] == pytest.approx(2.4 / 4) and m["train/diffusion_loss"] == pytest.approx(1.8 / 4)
     assert m["train/ratio_loss"] == pytest.approx(1.2 / 4)
     assert m["optim/grad_norm"] == 2.0 and m["optim/lr"] == 2e-3  # the mean norm; the last step's lr
+    assert m["optim/router_grad_norm"] == 0.375
     assert m["router/kept_fraction"] == pytest.approx(10 / 16)
     assert m["router/compression_natural"] == pytest.approx(16 / 12)
     assert m["router/compression_effective"] == pytest.approx(16 / 10)
@@ -96,6 +99,14 @@ def test_routed_window_means_and_names():
     per_image = 6 * dcdit_macs(config.model, kept_tokens=[2, 1, 4, 3]).total / 1e9
     assert m["perf/gflops_per_s"] / m["perf/images_per_s"] == pytest.approx(per_image, rel=1e-9)
     assert m["perf/tokens_per_s"] / m["perf/images_per_s"] == pytest.approx(10 / 4)
+
+
+def test_router_controls_log_routing_but_no_ratio_loss_or_router_gradient():
+    window = MetricWindow(build_config(tiny_config(model={"router": "random"})))
+    window.add(StepResult(_routed_stats(), grad_norm=1.0, finite=True, lr=1e-3, tail_drop=0.1, target_n=4.0))
+    m = window.metrics(1)
+    assert "train/ratio_loss" not in m and "optim/router_grad_norm" not in m
+    assert m["router/kept_fraction"] == pytest.approx(10 / 16) and "router/kept_fraction_t0000_0199" in m
 
 
 def test_distill_loss_is_averaged_over_distilling_steps_only():

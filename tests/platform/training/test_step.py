@@ -1,11 +1,17 @@
-"""The pieces of one optimizer step: per-micro-batch seeds, the learning-rate schedule and the EMA update."""
+"""The pieces of one optimizer step: per-micro-batch seeds, the learning-rate schedule, the router's gradient norm
+and the EMA update."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from dcdit_platform.config import build_config
-from dcdit_platform.training.step import ema_update, lr_at, micro_seed
+from dcdit_platform.training.step import ema_update, lr_at, micro_seed, router_grad_norm
 from helpers.training import tiny_config
+
+from dcdit.models import build_model
 
 
 def test_micro_seed_depends_on_seed_step_and_index_only():
@@ -24,6 +30,24 @@ def test_lr_warms_up_linearly_then_stays_constant():
     assert [lr_at(config, s) for s in (1, 2, 3, 4, 5, 100)] == [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3]
     constant = build_config(tiny_config(train={"lr": 3e-4}))  # warmup_steps 0: the paper's constant rate
     assert [lr_at(constant, s) for s in (1, 50)] == [3e-4, 3e-4]
+
+
+def test_router_grad_norm_is_the_norm_of_the_router_parameters_gradients_only():
+    config = build_config(tiny_config())
+    model = build_model(config.model)
+    router = list(model.router.parameters())
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 100.0)  # everything else has a large gradient
+    for i, param in enumerate(router):
+        param.grad = torch.full_like(param, float(i + 1))
+    by_hand = math.sqrt(sum((i + 1) ** 2 * p.numel() for i, p in enumerate(router)))
+    assert router_grad_norm(model, config) == pytest.approx(by_hand, rel=1e-6)
+    for router_kind in ("random", "grid"):  # the controls have no router parameters
+        control = build_config(tiny_config(model={"router": router_kind}))
+        assert router_grad_norm(build_model(control.model), control) == 0.0
+    dit = build_config(tiny_config(model={"arch": "dit", "depth": 2, "hidden_size": 32, "num_heads": 2,
+                                          "input_size": 8, "in_channels": 3, "num_classes": 4, "patch_size": 2}))
+    assert router_grad_norm(build_model(dit.model), dit) == 0.0
 
 
 def test_ema_moves_a_fraction_one_minus_decay_towards_the_model():
