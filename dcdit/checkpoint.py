@@ -268,8 +268,26 @@ def load_checkpoint(directory: str | os.PathLike, *, verify: bool = True,
         config = json.loads((directory / CONFIG_FILE).read_text()) if CONFIG_FILE in files else None
     except ValueError as err:
         raise DCDiTError(f"checkpoint {directory} is corrupt: invalid JSON ({err})") from None
+    _check_state(state, config, directory)
     return Checkpoint(path=directory, model_state=tensors(MODEL_FILE), ema_state=tensors(EMA_FILE),
                       optimizer_state=optimizer_state, state=state, config=config, manifest=manifest)
+
+
+def _check_state(state: Any, config: Any, directory: Path) -> None:
+    """state.json is an object whose step is a count and whose parts have the types resuming reads."""
+    def bad(problem: str) -> DCDiTError:
+        return DCDiTError(f"checkpoint {directory} is corrupt: {problem}; use an earlier checkpoint")
+
+    if not isinstance(state, dict):
+        raise bad(f"{STATE_FILE} holds a {type(state).__name__}, not an object")
+    step = state.get("step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise bad(f"{STATE_FILE} step={str(step)[:40]!r} is not a step count")
+    for key in ("rng", "data_cursor", "metrics"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise bad(f"{STATE_FILE} {key} is a {type(state[key]).__name__}, not an object")
+    if config is not None and not isinstance(config, dict):
+        raise bad(f"{CONFIG_FILE} holds a {type(config).__name__}, not an object")
 
 
 def is_checkpoint(directory: str | os.PathLike, *, verify: bool = False) -> bool:

@@ -67,17 +67,23 @@ def load_state_dict_file(path: str | os.PathLike, *, expected: dict[str, tuple[i
         raise DCDiTError(f"{path} is not a {what} state dict (a mapping of names to tensors); pass the {what} file "
                          f"itself")
     if expected is not None:
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            listed = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-            raise DCDiTError(f"{path} does not hold the {what}: {listed} ({len(missing)} missing, {len(unexpected)} "
-                             f"unexpected names); pass the {what} file itself")
-        for name, shape in expected.items():
-            if tuple(state[name].shape) != tuple(shape):
-                raise DCDiTError(f"{path} does not hold the {what}: {name} has shape {tuple(state[name].shape)}, "
-                                 f"expected {tuple(shape)}")
+        problem = shape_mismatch(state, expected)
+        if problem:
+            raise DCDiTError(f"{path} does not hold the {what}: {problem}; pass the {what} file itself")
     return state
 
 
-__all__ = ["load_state_dict_file", "load_weights_only"]
+def shape_mismatch(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """How the tensors of `state` differ from the names and shapes `expected` (None when they do not)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        listed = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        return f"{listed} ({len(missing)} missing, {len(unexpected)} unexpected names)"
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            return f"{name} has shape {tuple(state[name].shape)}, expected {tuple(shape)}"
+    return None
+
+
+__all__ = ["load_state_dict_file", "load_weights_only", "shape_mismatch"]

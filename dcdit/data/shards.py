@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import threading
 import uuid
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -20,111 +19,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+# FORMAT_VERSION and LAYOUTS are read through this module too (prepare.py, dcdit.data).
+from dcdit.data.manifest import (FORMAT_VERSION, LAYOUTS, MANIFEST_NAME, Manifest, ShardInfo,  # noqa: F401
+                                 join, local_or, one_line, read_manifest, shard_name)
 from dcdit.errors import DCDiTError
-
-MANIFEST_NAME = "MANIFEST.json"
-FORMAT_NAME = "dcdit-shards"
-FORMAT_VERSION = 1
-# layout -> (axes, dtype). Pixels are what the reader maps to [-1, 1]; latents are already scaled by the VAE factor.
-LAYOUTS = {"pixels": ("HWC", "uint8"), "latents": ("CHW", "float16")}
-
-
-def shard_name(shard_id: int) -> str:
-    return f"shard-{shard_id:05d}.parquet"
-
-
-def join(root: str, name: str) -> str:
-    return f"{root.rstrip('/')}/{name}" if root else name
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One shard file: samples [first_index, first_index + rows) of the dataset."""
-
-    file: str
-    rows: int
-    first_index: int
-    sha256: str
-    bytes: int
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """Everything a reader needs to know about a dataset; serialised as MANIFEST.json."""
-
-    layout: str
-    shape: tuple[int, ...]
-    num_classes: int
-    class_names: tuple[str, ...]
-    shards: tuple[ShardInfo, ...]
-    source: dict = field(default_factory=dict)  # how it was made: kind, path, seed, image size, VAE, ...
-    mask_shape: tuple[int, int] | None = None  # synthetic datasets carry detail masks (in pixel space)
-
-    @property
-    def num_samples(self) -> int:
-        return sum(s.rows for s in self.shards)
-
-    @property
-    def axes(self) -> str:
-        return LAYOUTS[self.layout][0]
-
-    @property
-    def dtype(self) -> str:
-        return LAYOUTS[self.layout][1]
-
-    @property
-    def sample_bytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
-
-    def to_dict(self) -> dict:
-        return {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION, "num_samples": self.num_samples,
-            "layout": self.layout, "axes": self.axes, "shape": list(self.shape), "dtype": self.dtype,
-            "num_classes": self.num_classes, "class_names": list(self.class_names),
-            "mask_shape": list(self.mask_shape) if self.mask_shape else None, "source": self.source,
-            "shards": [asdict(s) for s in self.shards],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict, where: str = "MANIFEST.json") -> Manifest:
-        def bad(problem: str) -> DCDiTError:
-            return DCDiTError(f"{where} is not a valid dataset manifest: {problem}; re-run `dcdit prepare-data`")
-
-        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-            raise bad(f"'format' is not '{FORMAT_NAME}'")
-        if data.get("version") != FORMAT_VERSION:
-            raise bad(f"version {data.get('version')!r} is not {FORMAT_VERSION}")
-        try:
-            layout = data["layout"]
-            if layout not in LAYOUTS:
-                raise bad(f"unknown layout {layout!r} (expected one of {sorted(LAYOUTS)})")
-            if data.get("dtype") != LAYOUTS[layout][1]:
-                raise bad(f"dtype {data.get('dtype')!r} does not match layout {layout!r}")
-            shape = tuple(int(v) for v in data["shape"])
-            if len(shape) != 3 or min(shape) < 1:
-                raise bad(f"shape {list(shape)} is not three positive sizes")
-            shards = tuple(ShardInfo(file=str(s["file"]), rows=int(s["rows"]), first_index=int(s["first_index"]),
-                                     sha256=str(s["sha256"]), bytes=int(s["bytes"])) for s in data["shards"])
-            mask_shape = tuple(int(v) for v in data["mask_shape"]) if data.get("mask_shape") else None
-            manifest = cls(layout=layout, shape=shape, num_classes=int(data["num_classes"]),
-                           class_names=tuple(str(c) for c in data["class_names"]), shards=shards,
-                           source=dict(data.get("source") or {}), mask_shape=mask_shape)
-        except (KeyError, TypeError, ValueError) as err:
-            raise bad(f"missing or malformed field ({type(err).__name__}: {err})") from None
-        expected = 0
-        for s in shards:
-            if s.first_index != expected or s.rows < 1:
-                raise bad(f"shard {s.file} starts at sample {s.first_index}, expected {expected}")
-            expected += s.rows
-        if expected != data.get("num_samples"):
-            raise bad(f"num_samples {data.get('num_samples')} != {expected} rows in the shards")
-        if len(manifest.class_names) != manifest.num_classes:
-            raise bad(f"{len(manifest.class_names)} class names for {manifest.num_classes} classes")
-        return manifest
-
-
-def _filesystem(filesystem: pafs.FileSystem | None) -> pafs.FileSystem:
-    return filesystem if filesystem is not None else pafs.LocalFileSystem()
 
 
 def atomic_write(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -166,7 +64,7 @@ def write_shard(root: str, shard_id: int, indices, labels, data, masks=None, *,
     if len(indices) == 0 or np.any(np.diff(indices) != 1):
         raise DCDiTError(f"shard {shard_name(shard_id)} needs consecutive sample indices")
     payload = encode_shard(indices, labels, data, masks)
-    fs = _filesystem(filesystem)
+    fs = local_or(filesystem)
     fs.create_dir(root, recursive=True)
     atomic_write(fs, join(root, shard_name(shard_id)), payload)
     return ShardInfo(file=shard_name(shard_id), rows=len(indices), first_index=int(indices[0]),
@@ -176,7 +74,7 @@ def write_shard(root: str, shard_id: int, indices, labels, data, masks=None, *,
 def write_manifest(root: str, manifest: Manifest, *, filesystem: pafs.FileSystem | None = None) -> None:
     """Commit the dataset: the manifest goes last, after every shard it lists is in place."""
     payload = json.dumps(manifest.to_dict(), indent=1, sort_keys=True).encode()
-    atomic_write(_filesystem(filesystem), join(root, MANIFEST_NAME), payload)
+    atomic_write(local_or(filesystem), join(root, MANIFEST_NAME), payload)
 
 
 def write_dataset(root: str, source, *, filesystem: pafs.FileSystem | None = None, shard_size: int = 1024,
@@ -200,30 +98,6 @@ def write_dataset(root: str, source, *, filesystem: pafs.FileSystem | None = Non
     return manifest
 
 
-def read_manifest(root: str, *, filesystem: pafs.FileSystem | None = None, name: str | None = None) -> Manifest:
-    """The dataset's manifest, or a DCDiTError saying why `root` is not a dataset."""
-    fs = _filesystem(filesystem)
-    where = name or root
-    try:
-        with fs.open_input_stream(join(root, MANIFEST_NAME)) as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise DCDiTError(f"{where} is not a dataset: no {MANIFEST_NAME} (preparation unfinished or wrong path); "
-                         "run `dcdit prepare-data` to create or finish it") from None
-    except OSError as err:
-        raise DCDiTError(f"cannot read {MANIFEST_NAME} from {where}: {_one_line(err)}") from None
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise DCDiTError(f"{where}/{MANIFEST_NAME} is not valid JSON; re-run `dcdit prepare-data`") from None
-    return Manifest.from_dict(data, where=f"{where}/{MANIFEST_NAME}")
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:300] if text else type(err).__name__
-
-
 @dataclass
 class _Decoded:
     data: np.ndarray  # [rows, *shape] in the manifest dtype (read-only view of the Parquet buffer)
@@ -243,7 +117,7 @@ class ShardDataset:
     def __init__(self, root: str, *, filesystem: pafs.FileSystem | None = None, name: str | None = None,
                  cache_bytes: int = 2 << 30, check_sha256: bool = True):
         self.root = root
-        self.filesystem = _filesystem(filesystem)
+        self.filesystem = local_or(filesystem)
         self.name = name or root
         self.manifest = read_manifest(root, filesystem=self.filesystem, name=self.name)
         self.cache_bytes = int(cache_bytes)
@@ -348,7 +222,7 @@ class ShardDataset:
             raise DCDiTError(f"{where} is missing (listed in {MANIFEST_NAME}); restore it or re-run "
                              "`dcdit prepare-data` into a fresh destination") from None
         except OSError as err:
-            raise DCDiTError(f"cannot read {where}: {_one_line(err)}") from None
+            raise DCDiTError(f"cannot read {where}: {one_line(err)}") from None
         if len(payload) != info.bytes:
             raise DCDiTError(f"{where} is truncated or altered: {len(payload)} bytes, manifest says {info.bytes}; "
                              "re-run `dcdit prepare-data` into a fresh destination")
@@ -358,7 +232,7 @@ class ShardDataset:
         try:
             return self._decode(pq.read_table(pa.BufferReader(payload)), info)
         except (pa.ArrowException, ValueError, KeyError) as err:
-            raise DCDiTError(f"{where} is unreadable ({_one_line(err)}); re-run `dcdit prepare-data`") from None
+            raise DCDiTError(f"{where} is unreadable ({one_line(err)}); re-run `dcdit prepare-data`") from None
 
     def _decode(self, table: pa.Table, info: ShardInfo) -> _Decoded:
         m = self.manifest

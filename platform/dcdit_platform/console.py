@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
+
+from dcdit.errors import DCDiTError
 
 ROOT = "dcdit"
 
@@ -69,8 +72,23 @@ def set_verbosity(*, quiet: bool = False) -> None:
 
 
 def print_json(obj) -> None:
-    """The machine-readable summary: one JSON object on the last line of stdout."""
-    print(json.dumps(obj, sort_keys=True, default=str), flush=True)
+    """The machine-readable summary: one JSON object on the last line of stdout. Its numbers are finite or the
+    command fails (NaN and Infinity are not JSON, and a NaN metric is a failed measurement, not a result)."""
+    bad = nonfinite_keys(obj)
+    if bad:
+        raise DCDiTError(f"the result holds non-finite numbers ({', '.join(bad[:4])}); nothing was printed")
+    print(json.dumps(obj, sort_keys=True, default=str, allow_nan=False), flush=True)
 
 
-__all__ = ["logger", "echo", "warn", "error", "set_verbosity", "print_json"]
+def nonfinite_keys(obj, path: str = "") -> list[str]:
+    """Dotted paths of the NaN or infinite floats in a JSON-like tree."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [path or "value"]
+    if isinstance(obj, dict):
+        return [k for key, value in obj.items() for k in nonfinite_keys(value, f"{path}.{key}" if path else str(key))]
+    if isinstance(obj, (list, tuple)):
+        return [k for i, value in enumerate(obj) for k in nonfinite_keys(value, f"{path}[{i}]")]
+    return []
+
+
+__all__ = ["logger", "echo", "warn", "error", "set_verbosity", "print_json", "nonfinite_keys"]

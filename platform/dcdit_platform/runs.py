@@ -11,13 +11,17 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dcdit.checkpoint import CHECKPOINT_DIR, MANIFEST, STATE_FILE, find_latest_checkpoint, load_checkpoint
+from dcdit.config import ModelConfig
 from dcdit.errors import DCDiTError
+from dcdit.models import build_model
+from dcdit.safeload import shape_mismatch
 from dcdit_platform.config import build_config
 from dcdit_platform.secrets import strip_redacted
 from dcdit_platform.storage import open_storage
@@ -42,22 +46,27 @@ def write_run_record(storage, name: str, record: dict) -> None:
     storage.child(name).write_json(RUN_RECORD, record)
 
 
-def latest_checkpoint_state(run_dir) -> tuple[str, dict] | None:
-    """(directory name, state.json) of the newest complete checkpoint in a run folder on any storage."""
+def complete_checkpoints(run_dir, *, newest_first: bool = True) -> Iterator[tuple[str, dict]]:
+    """(directory name, state.json) of every complete checkpoint in a run folder on any storage, newest first."""
     try:
-        names = sorted((n for n in run_dir.listdir() if CHECKPOINT_DIR.fullmatch(n)), reverse=True)
+        names = sorted((n for n in run_dir.listdir() if CHECKPOINT_DIR.fullmatch(n)), reverse=newest_first)
     except FileNotFoundError:
-        return None
+        return
     for dirname in names:
         try:
             manifest = run_dir.read_json(f"{dirname}/{MANIFEST}")
             files = manifest.get("files", {})
             if any(run_dir.size(f"{dirname}/{f}") != entry.get("size") for f, entry in files.items()):
                 continue
-            return dirname, run_dir.read_json(f"{dirname}/{STATE_FILE}")
+            state = run_dir.read_json(f"{dirname}/{STATE_FILE}")
         except (FileNotFoundError, DCDiTError, AttributeError):
             continue
-    return None
+        yield dirname, state
+
+
+def latest_checkpoint_state(run_dir) -> tuple[str, dict] | None:
+    """(directory name, state.json) of the newest complete checkpoint in a run folder on any storage."""
+    return next(complete_checkpoints(run_dir), None)
 
 
 @dataclass
@@ -110,6 +119,7 @@ def open_checkpoint(uri: str) -> LoadedCheckpoint:
     if not used_ema:
         warnings.warn(f"checkpoint {storage.uri} has no EMA weights; evaluating the raw model weights", stacklevel=2)
     weights = {_strip_prefix(k): v for k, v in weights.items()}
+    check_model_weights(weights, config.model, f"checkpoint {storage.uri}")
     dirname = storage.uri.rstrip("/").rsplit("/", 1)[-1]
     parent = storage.uri.rstrip("/").rsplit("/", 1)[0]
     run_parent = parent.rsplit("/", 1)[0] if "/" in parent else None
@@ -122,6 +132,17 @@ def open_checkpoint(uri: str) -> LoadedCheckpoint:
                             weights=weights, used_ema=used_ema, storage_root=storage_root)
 
 
+def check_model_weights(weights: dict[str, torch.Tensor], model: ModelConfig, where: str) -> None:
+    """The weights are those of the model its config describes (every name and shape, built on the meta device):
+    checked where the checkpoint is opened, before any actor or worker loads them."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(model).state_dict().items()}
+    problem = shape_mismatch(weights, expected)
+    if problem:
+        raise DCDiTError(f"{where} holds the weights of another model than its config.json describes "
+                         f"(model.arch={model.arch}: {problem}); its files were mixed up or edited")
+
+
 def _strip_prefix(key: str) -> str:
     for prefix in ("module.", "_orig_mod."):
         while key.startswith(prefix):
@@ -129,5 +150,5 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-__all__ = ["RUN_RECORD", "checkpoint_name", "read_run_record", "write_run_record", "latest_checkpoint_state",
-           "LoadedCheckpoint", "open_checkpoint"]
+__all__ = ["RUN_RECORD", "checkpoint_name", "read_run_record", "write_run_record", "complete_checkpoints",
+           "latest_checkpoint_state", "LoadedCheckpoint", "open_checkpoint"]

@@ -93,6 +93,33 @@ def test_invalid_manifests_are_named(pixels, tmp_path):
         read_manifest(root)
 
 
+@pytest.mark.parametrize("name", ["../outside.parquet", "/etc/passwd", "sub/shard.parquet", "..", ".hidden", "",
+                                  "a\\b.parquet", "x" * 200])
+def test_shard_files_must_be_plain_names_inside_the_dataset(pixels, tmp_path, name):
+    """A manifest naming a file elsewhere is refused before any file is opened: `outside.parquet` holds a valid copy
+    of shard 0 next to the dataset, so following the name would succeed."""
+    _, root = pixels
+    path = f"{root}/{MANIFEST_NAME}"
+    data = json.loads(open(path).read())
+    (tmp_path / "outside.parquet").write_bytes(open(f"{root}/{data['shards'][0]['file']}", "rb").read())
+    data["shards"][0]["file"] = name
+    open(path, "w").write(json.dumps(data))
+    with pytest.raises(DCDiTError, match="is not a plain file name inside the dataset folder"):
+        open_dataset(root).verify()
+
+
+@pytest.mark.parametrize("field, value, says", [("shape", [65536, 65536, 3], "shape"), ("num_classes", 0, "num_classes"),
+                                                ("mask_shape", [0, 4], "mask_shape")])
+def test_sizes_outside_their_bounds_are_refused(pixels, field, value, says):
+    _, root = pixels
+    path = f"{root}/{MANIFEST_NAME}"
+    data = json.loads(open(path).read())
+    data[field] = value
+    open(path, "w").write(json.dumps(data))
+    with pytest.raises(DCDiTError, match=says):
+        read_manifest(root)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_corrupt_truncated_or_missing_shard_is_named(pixels, damage):
     _, root = pixels

@@ -6,13 +6,18 @@ the `made` fixture."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from dcdit.features import DOMAIN_EXTRACTOR
 from dcdit_platform.cli import main
 
 CORPUS = Path(__file__).parent / "bad_inputs"
@@ -34,12 +39,42 @@ class Made:
     marker: Path
     evil_pth: Path  # a torch pickle whose unpickling runs code
     images: Path  # a folder of two valid PNG images
+    classifier: Path  # an (untrained) domain classifier: a 128-dimensional extractor that builds in milliseconds
+    stats: Path  # a valid statistics npz for it
+    checkpoint: Path  # a valid tiny DiT checkpoint
+    dataset: Path  # a valid prepared dataset
+
+    def path(self, *parts: str) -> str:
+        return str(self.root.joinpath(*parts))
+
+    def extractor(self) -> list[str]:
+        return ["--extractor", DOMAIN_EXTRACTOR, "--weights", str(self.classifier)]
+
+
+def remanifest(directory: Path) -> None:
+    """Rewrite a checkpoint's manifest for its files as they are now (so that a test reaches the content check)."""
+    manifest = json.loads((directory / "MANIFEST.json").read_text())
+    for name, entry in manifest["files"].items():
+        data = (directory / name).read_bytes()
+        entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (directory / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def copy_checkpoint(m_root: Path, source: Path, name: str, **files: str) -> Path:
+    """A copy of checkpoint `source` under {root}/{name}/ with some files' text replaced, manifest rewritten."""
+    target = m_root / name / source.name
+    shutil.copytree(source, target)
+    for file, text in files.items():
+        (target / file.replace("_", ".")).write_text(text)
+    remanifest(target)
+    return target
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> Made:
-    import numpy as np
-    from PIL import Image
+    from dcdit.data import SyntheticDataset, write_dataset
+    from dcdit.features import DomainClassifier
+    from helpers.evaluation import tiny_checkpoint
 
     root = tmp_path_factory.mktemp("bad-inputs")
     marker = root / "code-ran.marker"
@@ -49,7 +84,70 @@ def made(tmp_path_factory) -> Made:
     images.mkdir()
     for i in range(2):
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(images / f"{i}.png")
-    return Made(root=root, marker=marker, evil_pth=evil, images=images)
+    classifier = DomainClassifier(num_classes=4, image_size=8).save(root / "classifier.safetensors")
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((300, 128))
+    stats = root / "stats.npz"
+    np.savez(stats, mu=features.mean(0), sigma=np.cov(features, rowvar=False))
+    made = Made(root=root, marker=marker, evil_pth=evil, images=images, classifier=classifier, stats=stats,
+                checkpoint=tiny_checkpoint(root / "runs"),
+                dataset=root / "dataset")
+    write_dataset(str(made.dataset), SyntheticDataset(16, image_size=8, num_classes=4, seed=0), shard_size=8)
+    _bad_files(made, features)
+    return made
+
+
+def _bad_files(m: Made, features: np.ndarray) -> None:
+    """The corpus files that are built from valid ones."""
+    mu, sigma = features.mean(0), np.cov(features, rowvar=False)
+    np.savez(m.path("no-sigma.npz"), mu=mu)
+    np.savez(m.path("bad-meta.npz"), mu=mu, sigma=sigma, meta=np.array("{not json"))
+    np.savez(m.path("nan.npz"), mu=np.where(np.arange(128) == 3, np.nan, mu), sigma=sigma)
+    np.savez(m.path("sigma-shape.npz"), mu=mu, sigma=sigma[:5])
+    np.savez(m.path("pickled.npz"), mu=np.array([CodeRunner(m.marker)], dtype=object), sigma=sigma)
+    (m.root / "not-npz.npz").write_text("hello")
+    not_images = m.root / "not-images"
+    shutil.copytree(m.images, not_images)
+    (not_images / "2.png").write_text("this is text, not a PNG")
+    ckpt = m.checkpoint
+    copy_checkpoint(m.root, ckpt, "state-list", state_json="[1, 2, 3]")
+    copy_checkpoint(m.root, ckpt, "state-step-text", state_json=json.dumps({"step": "ten", "run_name": "tiny"}))
+    config = json.loads((ckpt / "config.json").read_text())
+    other = {**config, "model": {**config["model"], "arch": "dcdit", "scaffold_width": 16, "encoder_blocks": 1,
+                                 "decoder_blocks": 1, "downsample_factor": 2}}
+    copy_checkpoint(m.root, ckpt, "other-arch", config_json=json.dumps(other))
+    truncated = m.root / "truncated" / ckpt.name
+    shutil.copytree(ckpt, truncated)
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:100])
+    pickled = m.root / "optimizer-code" / ckpt.name
+    shutil.copytree(ckpt, pickled)
+    torch.save({"state": {0: CodeRunner(m.marker)}}, pickled / "optimizer.pt")
+    manifest = json.loads((pickled / "MANIFEST.json").read_text())
+    manifest["files"]["optimizer.pt"] = {"sha256": "0" * 64, "size": 0}
+    (pickled / "MANIFEST.json").write_text(json.dumps(manifest))
+    remanifest(pickled)
+    _bad_datasets(m)
+
+
+def _bad_datasets(m: Made) -> None:
+    """Datasets whose manifest names a file outside the dataset (a real shard's copy there, so that reading it
+    would succeed), or absurd shapes and counts."""
+    manifest = json.loads((m.dataset / "MANIFEST.json").read_text())
+    outside = m.root / "outside"
+    outside.mkdir()
+    shutil.copy(m.dataset / "shard-00000.parquet", outside / "shard-00000.parquet")
+    for name, change in {
+        "traversal": lambda d: d["shards"][0].update(file="../../outside/shard-00000.parquet"),
+        "absolute": lambda d: d["shards"][0].update(file=str(outside / "shard-00000.parquet")),
+        "huge-shape": lambda d: d.update(shape=[65536, 65536, 3]),
+        "negative-bytes": lambda d: d["shards"][0].update(bytes=-1),
+        "classes-absurd": lambda d: d.update(num_classes=10**12),
+    }.items():
+        data = json.loads(json.dumps(manifest))
+        change(data)
+        target = m.root / "datasets" / name
+        shutil.copytree(m.dataset, target)
+        (target / "MANIFEST.json").write_text(json.dumps(data))
 
 
 def train(config: str):
@@ -76,6 +174,40 @@ CASES = {
     "config/base-loop": (train("base-loop.yaml"), "config inheritance loops"),
     "config/tab-indented": (train("tab-indented.yaml"), "cannot parse"),
     "config/missing-file": (train("no-such-file.yaml"), "does not exist"),
+    # statistics and image inputs of `dcdit fid`
+    "stats/missing-sigma": (lambda m: ["fid", m.path("no-sigma.npz"), str(m.stats), *m.extractor()],
+                            "no-sigma.npz"),
+    "stats/meta-not-json": (lambda m: ["fid", m.path("bad-meta.npz"), str(m.stats), *m.extractor()],
+                            "bad-meta.npz"),
+    "stats/nan": (lambda m: ["fid", m.path("nan.npz"), str(m.stats), *m.extractor(), "--json"], "nan.npz"),
+    "stats/sigma-shape": (lambda m: ["fid", m.path("sigma-shape.npz"), str(m.stats), *m.extractor()],
+                          "sigma-shape.npz"),
+    "stats/pickled-object-array": (lambda m: ["fid", m.path("pickled.npz"), str(m.stats), *m.extractor()],
+                                   "pickled.npz"),
+    "stats/not-npz": (lambda m: ["fid", m.path("not-npz.npz"), str(m.stats), *m.extractor()], "not-npz.npz"),
+    "images/text-named-png": (lambda m: ["fid", m.path("not-images"), str(m.images), *m.extractor()], "2.png"),
+    "images/empty-folder": (lambda m: ["fid", m.path("outside"), str(m.images), *m.extractor()], "no images"),
+    # checkpoints given to `dcdit eval`
+    "checkpoint/state-json-a-list": (lambda m: ["eval", m.path("state-list"), "--no-tracking", *m.extractor()],
+                                     "state.json"),
+    "checkpoint/state-step-not-a-number": (
+        lambda m: ["eval", m.path("state-step-text"), "--no-tracking", *m.extractor()], "state.json"),
+    "checkpoint/config-of-another-architecture": (
+        lambda m: ["eval", m.path("other-arch"), "--no-tracking", *m.extractor()], "other-arch"),
+    "checkpoint/truncated-weights": (lambda m: ["eval", m.path("truncated"), "--no-tracking", *m.extractor()],
+                                     "truncated"),
+    "checkpoint/optimizer-with-code": (
+        lambda m: ["eval", m.path("optimizer-code"), "--no-tracking", *m.extractor()], "pickled code"),
+    "checkpoint/not-a-checkpoint": (lambda m: ["eval", str(m.images), "--no-tracking", *m.extractor()],
+                                    "no checkpoint"),
+    # prepared datasets
+    "shards/path-traversal": (lambda m: ["data-info", m.path("datasets", "traversal"), "--verify"],
+                              "../../outside/shard-00000.parquet"),
+    "shards/absolute-path": (lambda m: ["data-info", m.path("datasets", "absolute"), "--verify"], "outside"),
+    "shards/huge-shape": (lambda m: ["data-info", m.path("datasets", "huge-shape"), "--verify"], "shape"),
+    "shards/negative-bytes": (lambda m: ["data-info", m.path("datasets", "negative-bytes"), "--verify"], "bytes"),
+    "shards/absurd-classes": (lambda m: ["data-info", m.path("datasets", "classes-absurd"), "--verify"],
+                              "num_classes"),
     "weights/vgg16-pickled-code-fid": (
         lambda m: ["fid", str(m.images), str(m.images), "--extractor", "vgg16", "--weights", str(m.evil_pth)],
         "evil.pth"),
@@ -96,3 +228,14 @@ def test_bad_input_is_one_error_line_with_exit_2_and_runs_nothing(case, made, ca
     assert not made.marker.exists(), "a crafted pickle ran its code"
     assert not any(json.loads(line).get("fd") != json.loads(line).get("fd")  # NaN never printed as a result
                    for line in out.splitlines() if line.startswith("{"))
+
+
+def test_a_summary_with_a_non_finite_number_is_refused_not_printed(capsys):
+    from dcdit.errors import DCDiTError
+    from dcdit_platform.console import print_json
+
+    with pytest.raises(DCDiTError, match=r"non-finite numbers \(metrics.fd, sweep\[1\].kid\)"):
+        print_json({"metrics": {"fd": float("nan"), "ok": 1.0}, "sweep": [{"kid": 0.1}, {"kid": float("inf")}]})
+    assert capsys.readouterr().out == ""
+    print_json({"fd": 1.5})
+    assert json.loads(capsys.readouterr().out) == {"fd": 1.5}

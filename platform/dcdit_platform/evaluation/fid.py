@@ -4,13 +4,11 @@ in one process, with the evaluator's extractors and float64 statistics.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from dcdit.errors import DCDiTError
 from dcdit.features import DOMAIN_EXTRACTOR, INCEPTION
@@ -18,7 +16,7 @@ from dcdit.metrics import FeatureStats, Moments, frechet_distance
 from dcdit_platform.evaluation.extractors import CACHE_DIR, ExtractorSpec, prepare_extractor
 from dcdit_platform.evaluation.metrics import accumulate, biased_estimates
 from dcdit_platform.evaluation.npz_files import npz_moments, read_npz, save_statistics
-from dcdit_platform.evaluation.sources import IMAGE_EXTENSIONS, list_images
+from dcdit_platform.evaluation.sources import IMAGE_EXTENSIONS, decode_image, list_images
 from dcdit_platform.storage import open_storage
 
 
@@ -60,7 +58,7 @@ def _same_size_batches(storage, files: list[str], batch_size: int) -> Iterator[n
     batch: list[np.ndarray] = []
     for rel in files:
         with storage.open_input(rel) as f:
-            image = np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB"))
+            image = np.asarray(decode_image(f.read(), storage.join(rel)).convert("RGB"))
         if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
             yield np.stack(batch)
             batch = []

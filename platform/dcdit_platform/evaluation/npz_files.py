@@ -49,23 +49,52 @@ def read_npz(path: str) -> tuple[dict[str, np.ndarray], str]:
 
 
 def npz_moments(arrays: dict[str, np.ndarray], where: str, spec: ExtractorSpec) -> tuple[Moments, Moments | None]:
-    """Statistics stored in an npz (ADM reference batch or this evaluator's cache / `dcdit fid` output)."""
+    """Statistics stored in an npz (ADM reference batch or this evaluator's cache / `dcdit fid` output), checked:
+    the arrays a reader needs, their shapes against the extractor's dimensions, finite values, JSON metadata."""
     if "mu" not in arrays and "sum" not in arrays:
         raise DCDiTError(f"{where} holds neither statistics (mu, sigma) nor images (arr_0)")
-    pool = Moments.from_arrays(arrays)
-    if pool.mu.size != spec.dims.get("pool"):
-        raise DCDiTError(f"{where} holds {pool.mu.size}-dimensional statistics but {spec.name} features have "
-                         f"{spec.dims.get('pool')} dimensions (statistics from another extractor?)")
+    pool = _checked_moments(arrays, "", where, spec, "pool")
     meta = arrays.get("meta")
     if meta is not None:
-        recorded = json.loads(str(meta))
-        if recorded.get("extractor", {}).get("weights_sha256") not in (None, spec.weights_sha256):
+        try:
+            recorded = json.loads(str(meta))
+        except ValueError:
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise DCDiTError(f"{where}: its 'meta' entry is not a JSON object; recompute the statistics with "
+                             "`dcdit fid --save-stats`")
+        if (recorded.get("extractor") or {}).get("weights_sha256") not in (None, spec.weights_sha256):
             warnings.warn(f"{where} was computed with other extractor weights than {spec.weights_path}: "
                           "the distance compares different feature spaces", stacklevel=2)
     spatial = None
-    if "mu_s" in arrays or "sum_s" in arrays:
-        spatial = Moments.from_arrays(arrays, "s")
+    if ("mu_s" in arrays or "sum_s" in arrays) and "spatial" in spec.dims:
+        spatial = _checked_moments(arrays, "s", where, spec, "spatial")
     return pool, spatial
+
+
+def _checked_moments(arrays: dict[str, np.ndarray], prefix: str, where: str, spec: ExtractorSpec,
+                     kind: str) -> Moments:
+    """mu (d,) and sigma (d, d), or the sums n, sum (d,), sum_outer (d, d); finite numbers, d the extractor's."""
+    sfx = f"_{prefix}" if prefix else ""
+    names = (f"n{sfx}", f"sum{sfx}", f"sum_outer{sfx}") if f"sum{sfx}" in arrays else (f"mu{sfx}", f"sigma{sfx}")
+    missing = [k for k in names if k not in arrays]
+    if missing:
+        raise DCDiTError(f"{where} holds {names[-2]} but no {missing[0]}; statistics need {' and '.join(names)}")
+    for key in names:
+        if arrays[key].dtype.kind not in "fiu" or not np.isfinite(arrays[key]).all():
+            raise DCDiTError(f"{where}: {key} holds non-numeric, NaN or infinite values; recompute the statistics")
+    vector, matrix = arrays[names[-2]], arrays[names[-1]]
+    dim = spec.dims.get(kind)
+    if vector.ndim != 1 or matrix.shape != (vector.size, vector.size):
+        raise DCDiTError(f"{where}: {names[-2]} of shape {vector.shape} and {names[-1]} of shape {matrix.shape} "
+                         "are not a vector and its square matrix")
+    if vector.size != dim:
+        raise DCDiTError(f"{where} holds {vector.size}-dimensional statistics but {spec.name} features have "
+                         f"{dim} dimensions (statistics from another extractor?)")
+    n = arrays.get(f"n{sfx}")
+    if n is not None and (n.size != 1 or n.dtype.kind not in "iu" or int(n) < 2):
+        raise DCDiTError(f"{where}: n{sfx}={n.reshape(-1)[:3].tolist()} must be a count of at least 2 images")
+    return Moments.from_arrays(arrays, prefix)
 
 
 def write_statistics(storage, rel: str, pool: FeatureStats, spatial: FeatureStats | None,

@@ -149,13 +149,24 @@ def parse_synthetic(text: str) -> dict:
 
 # --- Image files ---------------------------------------------------------------------------------------------------
 
+def decode_image(data: bytes, where: str) -> Image.Image:
+    """A decoded image file; one PIL cannot decode (text named .png, a truncated file, a decompression bomb past
+    PIL's pixel limit) is a one-line error naming the file."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        detail = " ".join(str(err).split())[:120] or type(err).__name__
+        raise DCDiTError(f"{where} is not a readable image ({detail}); remove or replace it") from None
+    return image
+
+
 def read_images(storage, files: Sequence[str], *, crop: int | None = None) -> np.ndarray:
     """uint8 NHWC images from files relative to `storage` (RGB; ADM centre crop to `crop` when given)."""
     out = []
     for rel in files:
         with storage.open_input(rel) as f:
-            image = Image.open(io.BytesIO(f.read()))
-            image.load()
+            image = decode_image(f.read(), storage.join(rel))
         out.append(center_crop_arr(image, crop) if crop else np.asarray(image.convert("RGB")))
     shapes = {a.shape for a in out}
     if len(shapes) > 1:
