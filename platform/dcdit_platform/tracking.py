@@ -37,14 +37,16 @@ PROGRESS_METRIC = "train/loss"  # logged at every logging step: its last step is
 
 # --- URIs ----------------------------------------------------------------------------------------------------------
 
-def default_tracking_uri(storage_uri: str) -> str:
-    """sqlite:////<absolute storage path>/mlflow.db for local storage; S3 storage needs a server (DCDiTError)."""
+def default_tracking_uri(storage_uri: str, *, create: bool = True) -> str:
+    """sqlite:////<absolute storage path>/mlflow.db for local storage (the folder created unless `create` is False:
+    readers such as `dcdit report` leave nothing behind); S3 storage needs a server (DCDiTError)."""
     if storage_uri.startswith("s3://"):
         raise DCDiTError(f"storage {storage_uri} is on S3, so the run needs an MLflow tracking server: pass "
                          "--tracking-uri http://HOST:PORT (or set tracking.uri)")
     path = storage_uri[len("file://"):] if storage_uri.startswith("file://") else storage_uri
     root = Path(path).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     # An absolute path: MLflow's default ./mlflow.db is relative, and Ray Train changes workers' directories.
     return f"sqlite:///{root.as_posix()}/mlflow.db"
 
@@ -164,7 +166,21 @@ class Tracker:
                     return self.client.get_experiment_by_name(name).experiment_id
                 raise
 
-        return self._call("create experiment", create)
+        experiment_id = self._call("create experiment", create)
+        self._drop_empty_default_experiment()
+        return experiment_id
+
+    def _drop_empty_default_experiment(self) -> None:
+        """A new SQLite store comes with an empty experiment "Default" (id 0) that no run here uses: it is deleted
+        (restorable in MLflow) so `mlflow ui` shows the experiments that hold runs. Never on a tracking server, whose
+        Default belongs to its other users."""
+        if not self.uri.startswith("sqlite:"):
+            return
+        with contextlib.suppress(DCDiTError):  # best effort: another process may have deleted it already
+            default = self._call("get experiment", lambda: self.client.get_experiment("0"))
+            empty = not self._call("search runs", lambda: self.client.search_runs(["0"], max_results=1))
+            if default.lifecycle_stage == "active" and default.name == "Default" and empty:
+                self._call("delete experiment", lambda: self.client.delete_experiment("0"))
 
     def open_run(self, *, experiment: str, run_name: str, run_id: str | None = None,
                  parent_run_id: str | None = None, tags: dict[str, Any] | None = None) -> str:

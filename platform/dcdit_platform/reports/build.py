@@ -22,20 +22,46 @@ from dcdit_platform.reports.findings import findings
 from dcdit_platform.reports.probes import probe_runs
 from dcdit_platform.reports.records import RunRow, Sweep, file_slug
 from dcdit_platform.reports.render import render_html, render_markdown, write_csv
-from dcdit_platform.secrets import redact
+from dcdit_platform.runs import RUN_RECORD
+from dcdit_platform.secrets import REDACTED, redact
+from dcdit_platform.sweeps.state import SWEEP_RECORD
 from dcdit_platform.tracking import Tracker, default_tracking_uri
 
+# Where `dcdit report NAME` looks for a sweep or run it is not told the store of: the storage roots `dcdit train`
+# and `dcdit sweep` use by default (storage.uri) and the one `dcdit quickstart` writes to (--out, then runs/).
+DEFAULT_STORAGES = ("dcdit-runs", "dcdit-quickstart/runs")
 
-def resolve_tracking_uri(tracking_uri: str | None, storage: str | None) -> str:
-    """--tracking-uri, else the sqlite store in --storage, else MLFLOW_TRACKING_URI, else ./dcdit-runs/mlflow.db (the
-    defaults of `dcdit train` and `dcdit sweep`)."""
+
+def resolve_store(ref: str, tracking_uri: str | None, storage: str | None) -> tuple[str, str | None]:
+    """(tracking URI, storage) of sweep or run `ref`: --tracking-uri; else the sqlite store in --storage; else
+    MLFLOW_TRACKING_URI; else the store recorded by the sweep or run named `ref` in a default storage root
+    (DEFAULT_STORAGES, under the working directory); else ./dcdit-runs/mlflow.db. Creates nothing."""
     if tracking_uri:
-        return tracking_uri
+        return tracking_uri, storage
     if storage:
-        return default_tracking_uri(storage)
+        return default_tracking_uri(storage, create=False), storage
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return default_tracking_uri("./dcdit-runs")
+        return os.environ["MLFLOW_TRACKING_URI"], None
+    for root in DEFAULT_STORAGES:
+        recorded = _recorded_tracking_uri(Path(root) / ref)
+        if recorded:
+            return recorded, str(Path(root).resolve())
+    return default_tracking_uri(DEFAULT_STORAGES[0], create=False), None
+
+
+def _recorded_tracking_uri(folder: Path) -> str | None:
+    """The tracking URI the sweep record (sweep.json) or run record in `folder` names, when usable as it is
+    (a recorded URI with credentials is redacted: the caller passes --tracking-uri then)."""
+    for record in (SWEEP_RECORD, RUN_RECORD):
+        path = folder / record
+        if path.is_file():
+            try:
+                uri = json.loads(path.read_text()).get("tracking_uri")
+            except (OSError, ValueError):
+                continue
+            if uri and REDACTED not in uri:
+                return uri
+    return None
 
 
 def build_report(ref: str, *, tracking_uri: str | None = None, storage: str | None = None,
@@ -43,9 +69,12 @@ def build_report(ref: str, *, tracking_uri: str | None = None, storage: str | No
                  probe_images: int = 64, echo: Callable[[str], None] | None = None) -> dict:
     """Write the report of sweep `ref` (name or parent run id) and return its summary (paths, runs, findings)."""
     echo = echo or console_echo("report")
-    uri = resolve_tracking_uri(tracking_uri, storage)
+    uri, storage = resolve_store(ref, tracking_uri, storage)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise DCDiTError(f"no MLflow store at {redact(uri)}: pass --tracking-uri (or the --storage the sweep used)")
+        searched = "" if tracking_uri or storage else \
+            f" (nor a sweep or run {ref!r} in ./{', ./'.join(DEFAULT_STORAGES)})"
+        raise DCDiTError(f"no MLflow store at {redact(uri)}{searched}: pass the --storage the sweep or run used, or "
+                         "its --tracking-uri")
     tracker = Tracker(uri, retry_timeout_s=60.0)
     sweep = collect(tracker, ref)
     out = Path(out_dir or Path("dcdit-reports") / file_slug(sweep.name)).expanduser().resolve()
@@ -106,12 +135,17 @@ def _run_summary(sweep: Sweep, row: RunRow) -> dict[str, Any]:
 
 def format_summary(summary: dict) -> str:
     """What `dcdit report` prints without --json: where the files are, protocol warning, first findings."""
-    lines = [f"report of {summary['name']} ({len(summary['runs'])} runs, MLflow parent run {summary['mlflow_run_id']})",
+    lines = [f"report of {summary['name']} ({len(summary['runs'])} runs, MLflow parent run {summary['mlflow_run_id']} "
+             f"at {summary['tracking_uri']})",
              f"  html:     {summary['report_html']}", f"  markdown: {summary['report_md']}",
-             f"  csv:      {summary['report_csv']}"]
+             f"  csv:      {summary['report_csv']}", f"  figures:  {summary['out_dir']}/figures/ (boundary maps, "
+             "Pareto, kept fraction)"]
+    if summary.get("artifact_path"):
+        lines.append(f"  also attached to the parent run's MLflow artifacts under {summary['artifact_path']}/")
     if summary.get("mixed_protocols"):
         lines.append(f"  warning: {len(summary['protocols'])} evaluation protocols; runs are ranked within each only")
     for key in ("detail", "timestep", "quality"):
         for line in summary["findings"].get(key, [])[:3]:
             lines.append(f"  - {line}")
+    lines += [f"  - {line}" for line in summary["findings"].get("caveats", []) if line.startswith("Too short")]
     return "\n".join(lines)
