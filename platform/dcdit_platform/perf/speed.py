@@ -89,11 +89,13 @@ def _autocast(precision: str):
 
 
 def _adamw(model: nn.Module) -> torch.optim.Optimizer:
-    # The paper's optimiser (lr 1e-4, no weight decay); the fused kernel is the fastest AdamW on CPU as well.
+    # The paper's optimiser without weight decay; the fused kernel is the fastest AdamW on CPU as well. lr = 0: the
+    # update does all of AdamW's arithmetic but leaves the weights, so a routed model's calibrated router keeps
+    # the same tokens in every timed step (at lr 1e-4 one step moved a DC-DiT-S router from 25% to 60% kept).
     try:
-        return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
+        return torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+        return torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
 
 
 def build_case(name: str, precision: str, args: BenchSettings, *, reference: bool = False) -> Case:
