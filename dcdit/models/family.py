@@ -79,7 +79,7 @@ class DCDiTFamily(ModelFamily):
     arch, display_name, model_class = "dcdit", "DC-DiT", DCDiT
     routed = True
     own_fields = ("downsample_factor", "router", "encoder_blocks", "decoder_blocks", "scaffold_width",
-                  "dechunk_sigma", "cond_adaptor")
+                  "dechunk_sigma", "cond_adaptor", "position_patch_size")
 
     def forward_macs(self, config, kept_fraction=None, *, kept_tokens=None):
         return dcdit_macs(config, kept_fraction, kept_tokens=kept_tokens)

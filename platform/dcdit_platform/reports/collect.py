@@ -23,7 +23,8 @@ from dcdit_platform.tracking import PARENT_TAG, RUN_NAME_TAG, Tracker
 KEPT_BUCKET = re.compile(r"router/kept_fraction_t(\d+)_(\d+)$")
 EVAL_METRIC = re.compile(r"eval/(?P<slug>[^/]+)/(?:rho(?P<rho>[0-9.eE+-]+)/)?(?P<key>[^/]+)$")
 RUN_ID = re.compile(r"[0-9a-f]{32}")
-HISTORIES = ("train/loss", "train/diffusion_loss", "router/kept_fraction", "router/compression_effective")
+HISTORIES = ("train/loss", "train/diffusion_loss", "router/kept_fraction", "router/compression_effective",
+             "router/compression_natural", "train/ratio_loss", "optim/router_grad_norm")
 
 
 def find_parent(tracker: Tracker, ref: str):
@@ -98,7 +99,9 @@ def run_row(tracker: Tracker, run) -> RunRow:
         steps=_last_step(tracker, run.info.run_id, "train/loss"), images_per_s=metrics.get("perf/images_per_s"),
         diffusion_loss=metrics.get("train/diffusion_loss"), config=config, tags=dict(tags))
     row.evaluations = evaluations_of(run)
-    for key in HISTORIES:
+    # A distance per evaluated checkpoint (logged at its step): the quality curve of the run.
+    curves = {f"eval/{e.slug}/{e.distance}" for e in row.evaluations if e.rho is None}
+    for key in [*HISTORIES, *sorted(curves)]:
         if key in metrics:
             row.histories[key] = [(m.step, m.value) for m in sorted(tracker.metric_history(run.info.run_id, key),
                                                                       key=lambda m: (m.step, m.timestamp))]

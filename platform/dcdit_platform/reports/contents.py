@@ -12,6 +12,8 @@ from dcdit_platform.reports.findings import FINDING_SECTIONS
 from dcdit_platform.reports.protocols import PROTOCOL_KEYS, protocol_warning
 from dcdit_platform.reports.records import Probe, ProtocolGroup, RunRow, Sweep
 from dcdit_platform.reports.render import Bullets, Document, Figure, Gallery, Section, Table, Text
+from dcdit_platform.reports.study import TABLE_HEADER as STUDY_HEADER
+from dcdit_platform.reports.study import study_findings, study_table
 
 QUALITY_KEYS = ("fid", "fd", "sfid", "is_mean", "kid_mean", "kd_mean", "precision", "recall", "class_accuracy")
 CSV_COLUMNS = ("run_id", "name", "status", "arch", "model", "N", "lambda", "params", "forward_gflops", "compression",
@@ -28,6 +30,10 @@ _RUNS_CAPTION = ("GFLOPs/fwd: analytic FLOPs of one forward pass of one sample (
                  "ground-truth detail mask, averaged over the probed timesteps (0.5 = chance).")
 _PARETO_CAPTION = ("DiT baselines as a line, DC-DiT points per (N, lambda); ringed: the Pareto front over all runs of "
                    "this protocol.")
+_STUDY_CAPTION = ("One row per setting, its runs differing only in the seed: the mean, then each seed's value. FD: the "
+                  "last evaluated checkpoint (no tail drop); last interval: its change since the checkpoint before "
+                  "(flat within 10%: trained long enough). Compression: the router's own mask (before tail dropping), "
+                  "last logged value. Detail AUC: the router probe on real images.")
 _TIMESTEP_CAPTION = ("Solid: kept fraction per timestep bucket during training (mean over the second half). Dashed: "
                      "the router on held-out real images noised to each t. Right: AUC of the boundary probability "
                      "against the ground-truth detail masks, with a 95% bootstrap interval over images.")
@@ -38,7 +44,7 @@ def report_document(sweep: Sweep, facts: dict[str, list[str]], figures: dict[str
     meta = (f"MLflow parent run `{sweep.parent_id}` in experiment `{sweep.experiment}` at `{sweep.tracking_uri}`; "
             f"{len(sweep.rows)} run(s), {len(sweep.groups)} evaluation protocol(s).")
     findings = [Bullets(title, facts[key]) for title, key in FINDING_SECTIONS if facts.get(key)]
-    sections = [Section("Findings", findings),
+    sections = [Section("Findings", findings), *_study_sections(sweep, figures),
                 Section("Runs", [Table(RUN_HEADER, [run_cells(r) for r in sweep.rows]),
                                  Text(_RUNS_CAPTION, "caption")]),
                 *_quality_sections(sweep, figures)]
@@ -56,6 +62,19 @@ def report_document(sweep: Sweep, facts: dict[str, list[str]], figures: dict[str
     if samples:
         sections.append(Section("Samples", [Gallery(samples)]))
     return Document(title=f"Sweep report: {sweep.name}", meta=meta, notes=list(sweep.notes), sections=sections)
+
+
+def _study_sections(sweep: Sweep, figures: dict[str, Path]) -> list[Section]:
+    """The study's answers to the paper's claims a-f (reports.study), when the sweep is a study."""
+    answers = study_findings(sweep)
+    if not answers:
+        return []
+    blocks = [Bullets("Claims a-f, with the spread over seeds", answers), Table(STUDY_HEADER, study_table(sweep)),
+              Text(_STUDY_CAPTION, "caption")]
+    blocks += [Figure(figures[key], title) for key, title in (("study_fd", "FD at every checkpoint"),
+                                                               ("study_router", "Router diagnostics in training"))
+               if key in figures]
+    return [Section("The paper's claims at this scale", blocks)]
 
 
 def _quality_sections(sweep: Sweep, figures: dict[str, Path]) -> list[Section]:

@@ -1,6 +1,6 @@
 """The report's figures, drawn with matplotlib's object API on the Agg canvas (as in dcdit.viz): quality vs GFLOPs
-with the Pareto front per protocol, kept fraction and detail AUC vs timestep, loss and compression curves, and the
-boundary maps of a router probe on real samples.
+with the Pareto front per protocol, kept fraction and detail AUC vs timestep, loss and compression curves, the
+study's FD curves and router diagnostics, and the boundary maps of a router probe on real samples.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from dcdit_platform.reports.ranking import finite
 from dcdit_platform.reports.records import ProtocolGroup, RunRow, Sweep
+from dcdit_platform.reports.study import fd_curve, settings
 
 
 def draw_figures(sweep: Sweep, folder: Path) -> dict[str, Path]:
@@ -26,7 +27,8 @@ def draw_figures(sweep: Sweep, folder: Path) -> dict[str, Path]:
         path = pareto_figure(group, folder / f"pareto_{group.id}.png")
         if path:
             figures[f"pareto_{group.id}"] = path
-    for key, draw in (("timestep", timestep_figure), ("loss", loss_figure)):
+    for key, draw in (("timestep", timestep_figure), ("loss", loss_figure), ("study_fd", study_fd_figure),
+                      ("study_router", study_router_figure)):
         path = draw(sweep.rows, folder / f"{key}.png")
         if path:
             figures[key] = path
@@ -193,6 +195,47 @@ def loss_figure(rows: list[RunRow], path: Path) -> Path | None:
         ax2.set_yscale("log")
         _dress(ax2, "step", "realised compression (tokens / kept)", "Realised compression (dotted: target N)",
                grid="both")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def study_fd_figure(rows: list[RunRow], path: Path) -> Path | None:
+    """The distance at every evaluated checkpoint of every run: one colour per setting, one line per seed."""
+    found = [s for s in settings(rows) if any(len(fd_curve(r)) > 1 for r in s.rows)]
+    if not found:
+        return None
+    fig = _figure(7.5, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for setting, colour in zip(found, _colours(len(found))):
+        for i, row in enumerate(setting.rows):
+            steps, values = zip(*fd_curve(row))
+            ax.plot(steps, values, color=colour, marker="o", markersize=3, linewidth=1.2,
+                    linestyle="-" if i == 0 else "--", label=setting.name if i == 0 else None)
+    ax.set_yscale("log")
+    _dress(ax, "step", "FD", "FD at every checkpoint (solid: first seed, dashed: others)", grid="both")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def study_router_figure(rows: list[RunRow], path: Path) -> Path | None:
+    """The router's training diagnostics of every learned-router run: the compression its own mask realises, the
+    ratio loss and the router's gradient norm, by step."""
+    keys = (("router/compression_natural", "compression (router's mask)"), ("train/ratio_loss", "ratio loss"),
+            ("optim/router_grad_norm", "router gradient norm"))
+    runs = [r for r in rows if r.histories.get("optim/router_grad_norm")]
+    if not runs:
+        return None
+    fig = _figure(12.0, 3.4)
+    for i, (key, label) in enumerate(keys):
+        ax = fig.add_subplot(1, 3, i + 1)
+        for row, colour in zip(runs, _colours(len(runs))):
+            if row.histories.get(key):
+                steps, values = zip(*row.histories[key])
+                ax.plot(steps, _smooth(values), color=colour, linewidth=1.2, label=row.name)
+            if key == keys[0][0] and row.n:
+                ax.axhline(row.n, color=colour, linestyle=":", linewidth=0.8)
+        ax.set_yscale("log")
+        _dress(ax, "step", label, label + (" (dotted: target N)" if i == 0 else ""), grid="both", legend_size=5)
     fig.tight_layout()
     return _save(fig, path)
 
