@@ -28,6 +28,7 @@ from dcdit.safeload import load_weights_only
 MANIFEST = "MANIFEST.json"
 MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE = (
     "model.safetensors", "ema.safetensors", "optimizer.pt", "state.json", "config.json")
+CHECKPOINT_FILES = (MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE)
 FORMAT = "dcdit-checkpoint"
 VERSION = 1
 CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")
@@ -199,34 +200,52 @@ def read_manifest(directory: str | os.PathLike, *, verify: bool = False) -> dict
     if not directory.is_dir():
         raise DCDiTError(f"no checkpoint at {directory}: not a directory")
     path = directory / MANIFEST
-    if not path.exists():
-        raise DCDiTError(f"incomplete checkpoint {directory}: {MANIFEST} is missing (it is written last, so the save "
+    manifest = check_manifest(path.read_bytes() if path.exists() else None, directory)
+
+    def size_of(name: str) -> int | None:
+        file = directory / name
+        return file.stat().st_size if file.is_file() else None
+
+    check_files(manifest, directory, size_of, (lambda name: _sha256(directory / name)) if verify else None)
+    return manifest
+
+
+def check_manifest(raw: bytes | None, where: Any) -> dict[str, Any]:
+    """The parsed MANIFEST.json of checkpoint `where` (raw bytes, None when absent): a dcdit manifest of this or an
+    older version listing only the checkpoint's own file names (nothing outside its folder)."""
+    if raw is None:
+        raise DCDiTError(f"incomplete checkpoint {where}: {MANIFEST} is missing (it is written last, so the save "
                          f"did not finish); use an earlier checkpoint (find_latest_checkpoint skips incomplete ones)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         manifest = None
     if not _valid_manifest(manifest):
-        raise DCDiTError(f"incomplete checkpoint {directory}: {MANIFEST} is not a valid dcdit manifest; "
+        raise DCDiTError(f"incomplete checkpoint {where}: {MANIFEST} is not a valid dcdit manifest; "
                          f"use an earlier checkpoint")
-    files = manifest["files"]
     if manifest.get("version", 0) > VERSION:
-        raise DCDiTError(f"checkpoint {directory} has format version {manifest['version']}, newer than this dcdit "
+        raise DCDiTError(f"checkpoint {where} has format version {manifest['version']}, newer than this dcdit "
                          f"({VERSION}); upgrade dcdit")
-    for name, entry in files.items():
-        file = directory / name
-        if Path(name).name != name:
-            raise DCDiTError(f"checkpoint {directory} is corrupt: manifest lists {name!r} outside the directory")
-        if not file.is_file():
-            raise DCDiTError(f"checkpoint {directory} is corrupt: {name} is missing; use an earlier checkpoint")
-        size = file.stat().st_size
-        if size != entry["size"]:
-            raise DCDiTError(f"checkpoint {directory} is corrupt: {name} has {size} bytes, the manifest says "
-                             f"{entry['size']} (truncated?); use an earlier checkpoint")
-        if verify and _sha256(file) != entry["sha256"]:
-            raise DCDiTError(f"checkpoint {directory} is corrupt: {name} fails its sha256 check; use an earlier "
-                             f"checkpoint")
+    for name in manifest["files"]:
+        if name not in CHECKPOINT_FILES:
+            raise DCDiTError(f"checkpoint {where} is corrupt: manifest lists {str(name)[:100]!r}, not a checkpoint "
+                             f"file ({', '.join(CHECKPOINT_FILES)})")
     return manifest
+
+
+def check_files(manifest: dict[str, Any], where: Any, size_of, sha_of=None) -> None:
+    """Every file of the manifest is there (`size_of(name)` is not None) with its size and, given `sha_of`, its
+    sha256; a DCDiTError names the first that is not."""
+    for name, entry in manifest["files"].items():
+        size = size_of(name)
+        if size is None:
+            raise DCDiTError(f"checkpoint {where} is corrupt: {name} is missing; use an earlier checkpoint")
+        if size != entry["size"]:
+            raise DCDiTError(f"checkpoint {where} is corrupt: {name} has {size} bytes, the manifest says "
+                             f"{entry['size']} (truncated?); use an earlier checkpoint")
+        if sha_of is not None and sha_of(name) != entry["sha256"]:
+            raise DCDiTError(f"checkpoint {where} is corrupt: {name} fails its sha256 check; use an earlier "
+                             f"checkpoint")
 
 
 def _valid_manifest(manifest: Any) -> bool:
@@ -268,12 +287,12 @@ def load_checkpoint(directory: str | os.PathLike, *, verify: bool = True,
         config = json.loads((directory / CONFIG_FILE).read_text()) if CONFIG_FILE in files else None
     except ValueError as err:
         raise DCDiTError(f"checkpoint {directory} is corrupt: invalid JSON ({err})") from None
-    _check_state(state, config, directory)
+    check_state(state, config, directory)
     return Checkpoint(path=directory, model_state=tensors(MODEL_FILE), ema_state=tensors(EMA_FILE),
                       optimizer_state=optimizer_state, state=state, config=config, manifest=manifest)
 
 
-def _check_state(state: Any, config: Any, directory: Path) -> None:
+def check_state(state: Any, config: Any, directory: Any) -> None:
     """state.json is an object whose step is a count and whose parts have the types resuming reads."""
     def bad(problem: str) -> DCDiTError:
         return DCDiTError(f"checkpoint {directory} is corrupt: {problem}; use an earlier checkpoint")
@@ -368,6 +387,7 @@ def _unb64(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_weights_only", "read_manifest",
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_weights_only", "read_manifest", "check_manifest",
+           "check_files", "check_state",
            "is_checkpoint", "find_latest_checkpoint", "checkpoint_dir", "config_hash", "capture_rng_state",
            "restore_rng_state"]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from dcdit.errors import DCDiTError
 from dcdit_platform import console
@@ -27,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (a scheduler stopping the job) ends a command as Ctrl-C does: runs are closed as KILLED, not left
+    # RUNNING. Signal handlers can only be set from the main thread (tests call main() from others).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
     try:
         return int(args.func(args) or 0)
     except DCDiTError as err:
@@ -35,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.echo(args.command)("interrupted")
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

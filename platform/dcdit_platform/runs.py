@@ -17,14 +17,15 @@ from typing import Any
 
 import torch
 
-from dcdit.checkpoint import CHECKPOINT_DIR, MANIFEST, STATE_FILE, find_latest_checkpoint, load_checkpoint
+from dcdit.checkpoint import (CHECKPOINT_DIR, MANIFEST, STATE_FILE, check_files, check_manifest, check_state,
+                              find_latest_checkpoint, load_checkpoint)
 from dcdit.config import ModelConfig
 from dcdit.errors import DCDiTError
 from dcdit.models import build_model
 from dcdit.safeload import shape_mismatch
 from dcdit_platform.config import build_config
 from dcdit_platform.secrets import strip_redacted
-from dcdit_platform.storage import open_storage
+from dcdit_platform.storage import StorageError, open_storage
 
 RUN_RECORD = "dcdit_run.json"  # in {storage}/{name}/: what `dcdit resume NAME` needs to rebuild the run
 
@@ -47,26 +48,68 @@ def write_run_record(storage, name: str, record: dict) -> None:
 
 
 def complete_checkpoints(run_dir, *, newest_first: bool = True) -> Iterator[tuple[str, dict]]:
-    """(directory name, state.json) of every complete checkpoint in a run folder on any storage, newest first."""
+    """(directory name, state.json) of every checkpoint in a run folder on any storage that passes
+    `verify_checkpoint`'s size checks, newest first (oldest first with newest_first=False)."""
     try:
         names = sorted((n for n in run_dir.listdir() if CHECKPOINT_DIR.fullmatch(n)), reverse=newest_first)
     except FileNotFoundError:
         return
     for dirname in names:
         try:
-            manifest = run_dir.read_json(f"{dirname}/{MANIFEST}")
-            files = manifest.get("files", {})
-            if any(run_dir.size(f"{dirname}/{f}") != entry.get("size") for f, entry in files.items()):
-                continue
-            state = run_dir.read_json(f"{dirname}/{STATE_FILE}")
-        except (FileNotFoundError, DCDiTError, AttributeError):
+            state = verify_checkpoint(run_dir, dirname, sha256=False)
+        except DCDiTError:
             continue
         yield dirname, state
 
 
 def latest_checkpoint_state(run_dir) -> tuple[str, dict] | None:
-    """(directory name, state.json) of the newest complete checkpoint in a run folder on any storage."""
-    return next(complete_checkpoints(run_dir), None)
+    """(directory name, state.json) of the newest complete checkpoint in a run folder on any storage (every file
+    there with its manifest size; `newest_checkpoint` also checks their sha256)."""
+    return newest_checkpoint(run_dir, verify=False)[0]
+
+
+def newest_checkpoint(run_dir, *, verify: bool = True,
+                      at_least: int = 0) -> tuple[tuple[str, dict] | None, list[tuple[str, str]]]:
+    """((directory name, state.json) of the newest checkpoint of step >= `at_least` that passes its checks, or
+    None) and the newer ones skipped, each with why. `verify` reads every file for its sha256 (the driver picks
+    the checkpoint workers resume from this way); without it, sizes are checked."""
+    try:
+        names = sorted((n for n in run_dir.listdir() if CHECKPOINT_DIR.fullmatch(n)), reverse=True)
+    except FileNotFoundError:
+        return None, []
+    skipped = []
+    for dirname in names:
+        if int(CHECKPOINT_DIR.fullmatch(dirname).group(1)) < at_least:
+            break
+        try:
+            return (dirname, verify_checkpoint(run_dir, dirname, sha256=verify)), skipped
+        except DCDiTError as err:
+            if isinstance(err, StorageError) and err.transient:
+                raise  # the storage is failing, not this checkpoint
+            skipped.append((dirname, str(err)))
+    return None, skipped
+
+
+def verify_checkpoint(run_dir, dirname: str, *, sha256: bool = True) -> dict:
+    """state.json of checkpoint `dirname` of a run folder on any storage, after dcdit.checkpoint's checks of its
+    manifest, files (sizes, and sha256 with `sha256`) and state; DCDiTError naming the problem otherwise."""
+    where = run_dir.join(dirname)
+    try:
+        raw = run_dir.read_bytes(f"{dirname}/{MANIFEST}")
+    except FileNotFoundError:
+        raw = None
+    manifest = check_manifest(raw, where)
+
+    def size_of(name: str) -> int | None:
+        try:
+            return run_dir.size(f"{dirname}/{name}")
+        except FileNotFoundError:
+            return None
+
+    check_files(manifest, where, size_of, (lambda name: run_dir.sha256(f"{dirname}/{name}")) if sha256 else None)
+    state = run_dir.read_json(f"{dirname}/{STATE_FILE}")
+    check_state(state, None, where)
+    return state
 
 
 @dataclass

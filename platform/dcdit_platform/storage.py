@@ -7,6 +7,7 @@ writing their manifest last. Unreachable storage is a one-line DCDiTError that n
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -97,6 +98,44 @@ def _error_types() -> tuple[type[BaseException], ...]:
     return (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
 
+class StorageError(DCDiTError):
+    """Storage refused or failed an operation; `transient` when waiting may fix it (see `is_transient`)."""
+
+    def __init__(self, message: str, *, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
+# Local errors an operator can clear without changing the run: a read-only or full filesystem, lost permissions,
+# I/O errors, and network filesystems that time out or drop the connection.
+_TRANSIENT_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN,
+                     errno.EBUSY, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH,
+                     errno.ENETUNREACH, errno.ESTALE}
+_TRANSIENT_S3_CODES = {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
+                       "Throttling", "ThrottlingException", "RequestLimitExceeded"}
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether waiting may fix a storage error, by exception type, errno and HTTP status (never by message text):
+    connection failures and timeouts, S3 answers 408/429/5xx and its throttling codes, and the local errnos above.
+    Follows the chain of causes (s3fs and pyarrow wrap botocore's errors in OSError)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (botocore.exceptions.ConnectionError, botocore.exceptions.ConnectTimeoutError,
+                            botocore.exceptions.ReadTimeoutError, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(err, botocore.exceptions.ClientError):
+            meta = err.response.get("ResponseMetadata", {})
+            status = int(meta.get("HTTPStatusCode") or 0)
+            return status in (408, 429) or status >= 500 or err.response.get("Error", {}).get("Code") in \
+                _TRANSIENT_S3_CODES
+        if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 class Storage:
     """A root directory on some filesystem; paths in methods are relative to it ('' = the root itself).
 
@@ -134,7 +173,7 @@ class Storage:
         return Storage(self.join(*parts), self.filesystem, self.path(*parts), self.options)
 
     # --- errors ------------------------------------------------------------------------------------------------
-    def _fail(self, action: str, rel: str, err: BaseException) -> DCDiTError:
+    def _fail(self, action: str, rel: str, err: BaseException) -> StorageError:
         text = " ".join(str(err).split())[:200] or type(err).__name__
         for secret in (self.options.secret_access_key, self.options.session_token, self.options.access_key_id,
                        os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN")):
@@ -147,7 +186,7 @@ class Storage:
             endpoint = self.options.resolved_endpoint or "AWS default"
             hint = (f"check the endpoint ({endpoint}; AWS_ENDPOINT_URL), the credentials "
                     "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and that the bucket exists")
-        return DCDiTError(f"cannot {action} {where}: {text}; {hint}")
+        return StorageError(f"cannot {action} {where}: {text}; {hint}", transient=is_transient(err))
 
     def _call(self, action: str, rel: str, fn, *args):
         try:

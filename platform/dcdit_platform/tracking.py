@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import math
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 import requests
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 import dcdit
 from dcdit.errors import DCDiTError
@@ -89,20 +92,31 @@ class TrackingUnavailable(DCDiTError):
     """The tracking server stayed unreachable for the whole retry budget."""
 
 
+# SQLite's "busy" and "locked" result codes: another process holds the database for a moment.
+_SQLITE_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def _transient(err: BaseException) -> bool:
-    """Errors worth retrying: connection problems, timeouts, 5xx/429 answers, a locked SQLite database."""
-    if isinstance(err, (requests.ConnectionError, requests.Timeout)):
-        return True
-    if isinstance(err, (ConnectionError, TimeoutError)):
-        return True
-    text = str(err)
-    code = getattr(err, "error_code", "") or ""
-    if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "INTERNAL_ERROR"):
-        return True
-    markers = ("Max retries exceeded", "Connection refused", "ConnectionError", "Connection aborted",
-               "Read timed out", "timed out", "RemoteDisconnected", "database is locked",
-               "response code 5", "status code 5", "502", "503", "504", "429")
-    return any(m in text for m in markers)
+    """Errors worth retrying, by exception type and status code (never by message text): connection failures and
+    timeouts, HTTP answers 429 and 5xx (MLflow maps them to its error codes; 501 is a permanent "not
+    implemented"), and a busy SQLite database. Follows the chain of causes, as MLflow wraps what requests raises."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(err, requests.HTTPError) and err.response is not None:
+            return _retryable_status(err.response.status_code)
+        if isinstance(err, MlflowException) and err.__context__ is None and err.__cause__ is None:
+            return _retryable_status(err.get_http_status_code())
+        if isinstance(err, sqlite3.OperationalError) and getattr(err, "sqlite_errorcode", None) in _SQLITE_BUSY:
+            return True
+        err = err.__cause__ or err.__context__ or getattr(err, "orig", None)
+    return False
+
+
+def _retryable_status(status: int) -> bool:
+    return status == 429 or (status >= 500 and status != 501)
 
 
 class Tracker:
@@ -248,8 +262,20 @@ class Tracker:
             self._call("set tags", lambda: self.client.log_batch(run_id, tags=items, synchronous=True))
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        self.log_metric_records(run_id, [{"step": step, "metrics": metrics}])
+
+    def log_metric_records(self, run_id: str, records: list[dict]) -> None:
+        """Log [{"step": s, "metrics": {name: value}}, ...] in batches of 1000 values. Every value must be finite:
+        a NaN in MLflow would read as a measurement (DCDiTError naming the metric instead)."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None]
+        items = []
+        for record in records:
+            for key, value in record["metrics"].items():
+                if value is None:
+                    continue
+                if not math.isfinite(float(value)):
+                    raise DCDiTError(f"metric {key}={value} at step {record['step']} is not finite; not logged")
+                items.append(Metric(key, float(value), now, int(record["step"])))
         for i in range(0, len(items), 1000):
             chunk = items[i:i + 1000]
             self._call("log metrics", lambda: self.client.log_batch(run_id, metrics=chunk, synchronous=True))

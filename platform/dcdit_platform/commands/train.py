@@ -87,12 +87,17 @@ def _with_flags(tree: dict, args: argparse.Namespace) -> dict:
 
 
 def _run(config, *, name, config_path, args: argparse.Namespace) -> int:
-    from dcdit_platform.training import plan_run, run_training
+    from dcdit_platform.training import RunFailed, plan_run, run_training
 
     plan = plan_run(config, name=name, config_path=config_path)
     for warning in plan.warnings:
         warn(args.command, warning)
-    summary = run_training(plan, address=args.address)
+    try:
+        summary = run_training(plan, address=args.address)
+    except RunFailed as err:
+        if args.json:  # scripts read the failed run's summary; the error line follows on stderr
+            print_json(err.summary)
+        raise
     if args.json:
         print_json(summary)
     else:

@@ -112,16 +112,20 @@ class TrainSection:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointSection:
-    """Checkpoints every `every` steps (and at the end), the last `keep` kept; worker failures retried."""
+    """Checkpoints every `every` steps (and at the end), the last `keep` kept; worker failures retried; a storage
+    write that fails is retried with back-off for `upload_timeout_s` while the checkpoint waits on local disk."""
 
     every: int = 1000
     keep: int = 3
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before the run fails; -1 = no limit
+    upload_timeout_s: float = 600.0  # how long a failing storage write is retried before the run stops
 
     def validate(self) -> None:
         _within("checkpoint.every", self.every, 1, 10**9)
         _within("checkpoint.keep", self.keep, 1, 10_000)
         _within("checkpoint.max_failures", self.max_failures, -1, 1000)
+        _require(0 <= self.upload_timeout_s <= 86_400, "checkpoint.upload_timeout_s", self.upload_timeout_s,
+                 "must be in [0, 86400] seconds")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,5 +5,6 @@ checkpointer, artifacts; sessions (Ray or local), runtime (device, precision), d
 """
 
 from dcdit_platform.training.driver import RunPlan, plan_run, run_local, run_training
+from dcdit_platform.training.outcome import RunFailed
 
-__all__ = ["RunPlan", "plan_run", "run_training", "run_local"]
+__all__ = ["RunPlan", "RunFailed", "plan_run", "run_training", "run_local"]

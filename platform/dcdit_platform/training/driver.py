@@ -1,6 +1,7 @@
 """The training driver: resolve a run before any work starts (`plan_run`), then train it on Ray Train
 (`run_training`) or in this process (`run_local`). Both go through one set-up path (`open_run`: science check,
-MLflow run opened or resumed, params and tags, run record) and one ending (`_finish`: run status and summary).
+MLflow run opened or resumed, params and tags, run record, the checkpoint to resume from) and one ending
+(training/outcome.py: the MLflow run's status and the summary, never FINISHED unless the run reached its end).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,13 +26,15 @@ from dcdit_platform import console
 from dcdit_platform.config import ExperimentConfig, check_run_name, default_run_name, science_diff
 from dcdit_platform.config.memory import STATE_BYTES_PER_PARAM, gib, machine_memory, training_memory
 from dcdit_platform.raycluster import ray_session, target_address
-from dcdit_platform.runs import latest_checkpoint_state, read_run_record, write_run_record
+from dcdit_platform.runs import newest_checkpoint, read_run_record, write_run_record
 from dcdit_platform.secrets import redact, redact_config, secret_env
 from dcdit_platform.storage import open_storage
 from dcdit_platform.tracking import Tracker, default_tracking_uri, flat_params
 from dcdit_platform.training.data import check_data
+from dcdit_platform.training.outcome import OutcomeBox, fail_run, failure_message, finish_run
 from dcdit_platform.training.payload import WorkerPayload, WorkerSecrets
 from dcdit_platform.training.sessions import LocalSession
+from dcdit_platform.training.upload import recover_staged, staging_root, write_lease
 from dcdit_platform.training.worker import run_worker, train_worker
 
 
@@ -80,28 +84,36 @@ class OpenedRun:
     safe_config: dict  # the config with secrets redacted
     config_hash: str
     done: dict | None = None  # the summary, when the newest checkpoint reached train.steps already
+    resume_from: str | None = None  # the verified checkpoint the workers start from
+    lease: str = ""  # this start's claim on the run folder
 
-    def payload(self, secrets: Any = None) -> WorkerPayload:
+    def payload(self, secrets: Any = None, outcome: Any = None) -> WorkerPayload:
         p = self.plan
         return WorkerPayload(config=self.safe_config, name=p.name, run_id=self.run_id, config_hash=self.config_hash,
-                             tracking_uri=p.display_tracking_uri, secrets=secrets)
+                             tracking_uri=p.display_tracking_uri, storage_uri=p.storage.uri, lease=self.lease,
+                             resume_from=self.resume_from, secrets=secrets, outcome=outcome,
+                             driver=(socket.gethostname(), os.getpid()))
 
-    def summary(self, *, step: int, checkpoint: str | None, metrics: dict) -> dict:
-        """The JSON summary of `dcdit train --json`."""
+    def summary(self, *, step: int, checkpoint: str | None, metrics: dict, status: str = "FINISHED",
+                error: str | None = None) -> dict:
+        """The JSON summary of `dcdit train --json`: `status` is the MLflow run's (FINISHED, FAILED, KILLED)."""
         p = self.plan
-        return {"name": p.name, "step": step, "checkpoint": checkpoint, "mlflow_run_id": self.run_id,
-                "tracking_uri": p.display_tracking_uri, "experiment": p.config.tracking.experiment,
-                "storage": redact(p.run_uri), "config_hash": self.config_hash, "metrics": metrics}
+        return {"name": p.name, "status": status, "step": step, "checkpoint": checkpoint,
+                "mlflow_run_id": self.run_id, "tracking_uri": p.display_tracking_uri,
+                "experiment": p.config.tracking.experiment, "storage": redact(p.run_uri),
+                "config_hash": self.config_hash, "metrics": metrics, **({"error": error} if error else {})}
 
 
 def open_run(plan: RunPlan, echo: Callable[[str], None]) -> OpenedRun:
-    """Refuse a resumption with changed science, open (or resume) the MLflow run, log its params and tags, and
-    write the run record on the first start. Says on `echo` whether the run starts, resumes or is done already
-    (then the run is closed and `done` holds its summary)."""
+    """Pick the checkpoint to resume from (the newest that verifies; newer corrupt ones are skipped with a
+    warning naming them), refuse a resumption with changed science, open (or resume) the MLflow run, log its
+    params and tags, write the run record on the first start and claim the run (a lease its workers carry). Says
+    on `echo` whether the run starts, resumes (from which checkpoint) or is done already (then the run is closed,
+    its held-back metrics logged, and `done` holds its summary)."""
     config, name = plan.config, plan.name
     safe_config, config_hash = redact_config(config.to_dict()), config.config_hash()
     record = read_run_record(plan.storage, name)
-    latest = latest_checkpoint_state(plan.storage.child(name))
+    latest = _pick_checkpoint(plan, echo)
     _refuse_changed_science(name, config, record, latest)
 
     tracker = Tracker(plan.tracking_uri, retry_timeout_s=config.tracking.retry_timeout_s)
@@ -118,19 +130,35 @@ def open_run(plan: RunPlan, echo: Callable[[str], None]) -> OpenedRun:
             "name": name, "config": safe_config, "science": config.science_dict(),
             "config_hash": config_hash, "config_path": plan.config_path, "mlflow_run_id": run_id,
             "tracking_uri": plan.display_tracking_uri, "created_unix": time.time()})
-    run = OpenedRun(plan=plan, tracker=tracker, run_id=run_id, safe_config=safe_config, config_hash=config_hash)
+    run = OpenedRun(plan=plan, tracker=tracker, run_id=run_id, safe_config=safe_config, config_hash=config_hash,
+                    resume_from=latest[0] if latest else None)
     if latest and int(latest[1].get("step", 0)) >= config.train.steps:
         # Already trained this far: a complete checkpoint is the result, no worker needs to start for it.
         echo(f"{name} already reached step {latest[1]['step']} (train.steps={config.train.steps})")
-        tracker.finish(run_id, "FINISHED")
-        metrics = {k: v for k, v in latest[1].get("metrics", {}).items() if k != "step"}
-        run.done = run.summary(step=int(latest[1]["step"]), checkpoint=plan.storage.join(name, latest[0]),
-                               metrics=metrics)
-    elif latest:
+        run.done = finish_run(run, {**latest[1].get("metrics", {}), "step": int(latest[1]["step"]),
+                                    "checkpoint": latest[0],
+                                    "pending_metrics": len(latest[1].get("pending_metrics") or [])})
+        return run
+    run.lease = write_lease(plan.storage.child(name))
+    if latest:
         echo(f"resuming {name} from {latest[0]} (MLflow run {run_id})")
     else:
         echo(f"starting {name} (MLflow run {run_id}, storage {redact(plan.run_uri)})")
     return run
+
+
+def _pick_checkpoint(plan: RunPlan, echo: Callable[[str], None]) -> tuple[str, dict] | None:
+    """The newest checkpoint of the run that verifies (sizes and sha256), after uploading one a storage failure
+    left on this machine and removing what killed workers left in staging; skipped ones are warned about."""
+    run_dir = plan.storage.child(plan.name)
+    latest, skipped = newest_checkpoint(run_dir)
+    staging = staging_root(run_dir.uri, plan.name)
+    newest_step = int(latest[1]["step"]) if latest else 0
+    if recover_staged(run_dir, staging, newest_step, timeout_s=plan.config.checkpoint.upload_timeout_s, echo=echo):
+        latest, skipped = newest_checkpoint(run_dir)
+    for dirname, why in skipped:
+        console.warn("train", f"skipping {dirname}, which fails its checks: {why}")
+    return latest
 
 
 def _refuse_changed_science(name: str, config: ExperimentConfig, record: dict | None,
@@ -145,29 +173,13 @@ def _refuse_changed_science(name: str, config: ExperimentConfig, record: dict | 
                      "train.grad_accum, checkpoint.*, logging.*, resources.*, storage.* and tracking.* may change)")
 
 
-def _finish(run: OpenedRun, metrics: dict, checkpoint: str | None) -> dict:
-    """Close the MLflow run as the workers' last report says (FAILED raises its error) and summarise it."""
-    metrics = dict(metrics)
-    if metrics.get("error"):
-        with contextlib.suppress(DCDiTError):
-            run.tracker.finish(run.run_id, "FAILED")
-        raise DCDiTError(f"{metrics['error']} ({checkpoint or 'no checkpoint'}; run {run.plan.name})")
-    run.tracker.finish(run.run_id, "FINISHED")
-    step = int(metrics.pop("step", 0))
-    metrics.pop("done", None)
-    return run.summary(step=step, checkpoint=checkpoint, metrics=metrics)
-
-
-def _latest_checkpoint_uri(plan: RunPlan) -> str | None:
-    latest = latest_checkpoint_state(plan.storage.child(plan.name))
-    return plan.storage.join(plan.name, latest[0]) if latest else None
-
-
 # --- on Ray Train ----------------------------------------------------------------------------------------------------
 
 def run_training(plan: RunPlan, *, address: str | None = None, echo: Callable[[str], None] | None = None,
                  callbacks: Sequence[Any] = ()) -> dict:
-    """Train (or resume) the planned run on Ray and return its summary; DCDiTError on user-fixable failures.
+    """Train (or resume) the planned run on Ray and return its summary; DCDiTError on user-fixable problems found
+    before training, RunFailed (a DCDiTError carrying the `--json` summary; the MLflow run is FAILED) when the run
+    itself fails, KeyboardInterrupt (the MLflow run is KILLED) when interrupted.
 
     `echo` prints progress lines (default: `dcdit train: ...` on stderr). `callbacks` are Ray Train
     `UserCallback`s added to the trainer's RunConfig (sweeps pass Tune's `TuneReportCallback` so that the trial's
@@ -181,17 +193,14 @@ def run_training(plan: RunPlan, *, address: str | None = None, echo: Callable[[s
     with ray_session(address, dashboard=True):
         ray_startup_s = time.perf_counter() - t0
         try:
-            result = _fit(run, callbacks=callbacks)
+            outcome = _fit(run, callbacks=callbacks)
         except KeyboardInterrupt:
             with contextlib.suppress(DCDiTError):
                 run.tracker.finish(run.run_id, "KILLED")
             raise
-        except DCDiTError:
-            with contextlib.suppress(DCDiTError):
-                run.tracker.finish(run.run_id, "FAILED")
-            raise
-    checkpoint = _checkpoint_uri(plan, result.checkpoint)
-    return {**_finish(run, result.metrics or {}, checkpoint), "ray_startup_s": round(ray_startup_s, 3),
+        except DCDiTError as err:
+            raise fail_run(run, str(err)) from None
+    return {**finish_run(run, outcome), "ray_startup_s": round(ray_startup_s, 3),
             "wall_s": round(time.perf_counter() - t0, 3)}
 
 
@@ -233,14 +242,16 @@ def _check_memory(config: ExperimentConfig) -> None:
                      "train.global_batch, or pass --address of a cluster with more memory")
 
 
-def _fit(run: OpenedRun, callbacks: Sequence[Any] = ()):
+def _fit(run: OpenedRun, callbacks: Sequence[Any] = ()) -> dict | None:
+    """Run the workers on Ray Train; returns the outcome rank 0 left in the driver's OutcomeBox."""
     plan = run.plan
     config = plan.config
     res = config.resources
     secrets = WorkerSecrets(tracking_uri=plan.tracking_uri, storage_options=config.storage.options(),
                             env=secret_env())
+    box = OutcomeBox.remote()
     # Ray exports train_loop_config to its dashboard: the secrets go as an object reference, not as values.
-    payload = run.payload(secrets=ray.put(secrets))
+    payload = run.payload(secrets=ray.put(secrets), outcome=box)
     storage = plan.storage
     # Ray wants bucket/prefix without s3:// next to the filesystem (see its docs); a local path on its own.
     storage_fs = None if storage.is_local else storage.filesystem
@@ -258,42 +269,11 @@ def _fit(run: OpenedRun, callbacks: Sequence[Any] = ()):
             callbacks=list(callbacks) or None,
             logging_config=ray.train.LoggingConfig(log_level="WARNING")))
     try:
-        return trainer.fit()
+        trainer.fit()
     except ray.train.TrainingFailedError as err:
-        raise DCDiTError(_failure_message(plan, err)) from None
-
-
-def _failure_message(plan: RunPlan, err: Exception) -> str:
-    """One line naming the root cause of a failed fit and the last good checkpoint."""
-    causes = list(getattr(err, "worker_failures", {}).items())
-    root: BaseException = causes[0][1] if causes else getattr(err, "controller_failure", err)
-    seen = set()
-    while id(root) not in seen:
-        seen.add(id(root))
-        inner = getattr(root, "cause", None) or root.__cause__
-        if isinstance(root, DCDiTError) or inner is None:
-            break
-        root = inner
-    where = f"worker rank {causes[0][0]}" if causes else "the Ray Train controller"
-    if isinstance(root, DCDiTError):
-        detail = str(root)
-    else:
-        lines = [ln for ln in str(root).splitlines() if ln.strip()]
-        detail = f"{type(root).__name__}: {lines[-1] if lines else ''}"
-    try:
-        latest = _latest_checkpoint_uri(plan)
-        kept = f"last good checkpoint {latest}" if latest else "no checkpoint yet"
-    except DCDiTError:
-        kept = "the storage is unreachable now, so its last good checkpoint is unknown"
-    return redact(f"training failed in {where} after {plan.config.checkpoint.max_failures} restart(s): "
-                  f"{' '.join(detail.split())[:400]}; {kept}; fix and run `dcdit resume {plan.name}`")
-
-
-def _checkpoint_uri(plan: RunPlan, checkpoint) -> str | None:
-    """Where Ray's last reported checkpoint lives, as a URI of the run's storage."""
-    if checkpoint is None:
-        return _latest_checkpoint_uri(plan)
-    return checkpoint.path if plan.storage.is_local else f"s3://{checkpoint.path.lstrip('/')}"
+        starts, _ = ray.get(box.read.remote())
+        raise DCDiTError(failure_message(plan, err, restarts=max(starts - 1, 0))) from None
+    return ray.get(box.read.remote())[1]
 
 
 # --- in this process (no Ray): tests and debugging -------------------------------------------------------------------
@@ -302,25 +282,29 @@ def run_local(plan: RunPlan, *, resume_from: str | None = None, echo: Callable[[
     """Run the worker loop in this process with one worker and the same checkpoint/tracking semantics (no Ray).
 
     `num_workers` x `grad_accum` becomes 1 x their product, which trains the same thing (see `micro_seed`).
-    `resume_from` hands the loop that checkpoint instead of the newest, as Ray Train may after a crash."""
+    `resume_from` (a checkpoint of the run, by path or directory name) hands the loop that checkpoint instead of
+    the driver's pick, as Ray Train's restart after a failure may."""
     config = plan.config
     if config.resources.num_workers != 1:
         plan = dataclasses.replace(plan, config=config.replace(
             resources=dataclasses.replace(config.resources, num_workers=1),
             train=dataclasses.replace(config.train, grad_accum=config.train.grad_accum * config.resources.num_workers)))
         config = plan.config
-    if not plan.storage.is_local:
-        raise DCDiTError("in-process runs need local storage")
     run = open_run(plan, echo or console.echo("train"))
     if run.done is not None:
         return run.done
-    run_dir = os.path.join(plan.storage.root, plan.name)
-    os.makedirs(run_dir, exist_ok=True)
     secrets = WorkerSecrets(tracking_uri=plan.tracking_uri, storage_options=config.storage.options())
-    session = LocalSession(run_dir, keep=config.checkpoint.keep, resume_from=resume_from, secrets=secrets)
+    payload = run.payload()
+    session = LocalSession(payload, keep=config.checkpoint.keep, secrets=secrets,
+                           upload_timeout_s=config.checkpoint.upload_timeout_s,
+                           resume_from=os.path.basename(resume_from.rstrip("/")) if resume_from else None)
     previous = torch.get_num_threads()
     try:
-        run_worker(run.payload(), session)
+        run_worker(payload, session)
+    except KeyboardInterrupt:
+        with contextlib.suppress(DCDiTError):
+            run.tracker.finish(run.run_id, "KILLED")
+        raise
     finally:
         torch.set_num_threads(previous)
-    return _finish(run, session.reports[-1] if session.reports else {}, _latest_checkpoint_uri(plan))
+    return finish_run(run, session.outcome)

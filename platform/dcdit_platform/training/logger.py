@@ -1,13 +1,18 @@
 """What a training worker tells MLflow (rank 0 only): its start, step metrics with a progress line, artifacts,
-and the error it stopped on. Steps MLflow already holds are not logged again (a resumed run repeats steps), and an
-unreachable tracking server stops every rank at the same step.
+and the error it stopped on. Training outlives the tracking server: metrics go through a buffer on local disk
+(with their steps), flushed as soon as the server answers, carried in every checkpoint until then, and the run is
+tagged with the steps an outage held back. Steps MLflow already holds are not logged again (a resumed run repeats
+steps); only an error that waiting cannot fix (a refused request) stops the run, on every rank at the same step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import tempfile
+import time
+from pathlib import Path
 
 import torch.distributed as dist
 import torch.nn as nn
@@ -21,38 +26,91 @@ from dcdit_platform.training.runtime import Runtime
 # A logger, not print: Ray Train patches print into its logger and can echo it twice.
 _progress = logging.getLogger("dcdit.train")
 
+CALL_BUDGET_S = 5.0  # how long one logging call retries before its metrics wait in the buffer
+RETRY_MAX_S = 60.0  # the longest pause between two flush attempts during an outage
+PENDING_FILE = "metrics-pending.jsonl"
+
+
+class MetricBuffer:
+    """Step metrics MLflow has not acknowledged yet, in memory and appended to a JSON-lines file on local disk."""
+
+    def __init__(self, path: Path, carried: list[dict] | None = None):
+        self.path = path
+        self.records: list[dict] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)  # a previous start's file: its steps are in the checkpoint or trained again
+        for record in carried or []:
+            self.add(int(record["step"]), record["metrics"])
+
+    def add(self, step: int, metrics: dict) -> None:
+        record = {"step": step, "metrics": metrics}
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def drop_until(self, step: int) -> None:
+        """Forget the records of steps MLflow already holds."""
+        self.records = [r for r in self.records if r["step"] > step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
 
 class StepLogger:
     """Rank 0's MLflow client for one run; on other ranks it only takes part in agreeing to stop."""
 
     def __init__(self, config: ExperimentConfig, *, name: str, run_id: str, tracking_uri: str, rank: int,
-                 world_size: int, start: int):
+                 world_size: int, start: int, staging: Path, carried: list[dict] | None = None):
         self.config, self.name, self.run_id, self.world_size = config, name, run_id, world_size
         self.tracker: Tracker | None = None
-        self.logged_until = 0
+        self.buffer: MetricBuffer | None = None
+        self.logged_until = start  # steps up to the checkpoint resumed from are in MLflow or in `carried`
+        self.known = False  # whether logged_until came from MLflow itself
+        self.retry_at, self.delay = 0.0, 2.0
+        self.outage: list[int] = []  # first and last step held back by the current outage
         if rank == 0:
-            self.tracker = Tracker(tracking_uri, retry_timeout_s=config.tracking.retry_timeout_s)
-            self.logged_until = self.tracker.last_logged_step(run_id)
-            # How often a worker group started this run: > 1 means Ray restarted it after a failure (or a resume).
-            starts = int(self.tracker.get_run(run_id).data.tags.get("dcdit.worker_starts", "0")) + 1
-            self.tracker.set_tags(run_id, {"dcdit.worker_starts": starts, "dcdit.resumed_from_step": start})
+            self.tracker = Tracker(tracking_uri, retry_timeout_s=min(CALL_BUDGET_S, config.tracking.retry_timeout_s))
+            self.buffer = MetricBuffer(staging / PENDING_FILE, carried)
+        self.start = start
+
+    def connect(self) -> None:
+        """Rank 0: learn which steps MLflow holds and tag this start (later, when the server is away now)."""
+        if self.tracker is not None:
+            self._connect()
+
+    def _connect(self) -> None:
+        """Learn what MLflow holds and tag this start; during an outage, only remember to do so."""
+        try:
+            server = self.tracker.last_logged_step(self.run_id)
+            self.known = True
+            self.buffer.drop_until(server)  # steps a previous start logged after the checkpoint it carried
+            self.logged_until = max(self.logged_until, server)
+            # How often a worker group started this run: > 1 means a restart after a failure (or a resume).
+            starts = int(self.tracker.get_run(self.run_id).data.tags.get("dcdit.worker_starts", "0")) + 1
+            self.tracker.set_tags(self.run_id, {"dcdit.worker_starts": starts,
+                                                "dcdit.resumed_from_step": self.start})
+        except TrackingUnavailable as err:
+            self._unavailable(err, self.start)
+
+    def pending(self) -> list[dict]:
+        """The buffered records: what a checkpoint carries so that no logged step is lost with this worker."""
+        return list(self.buffer.records) if self.buffer is not None else []
 
     def publish(self, step: int, metrics: dict | None, ema: nn.Module | None, runtime: Runtime) -> str | None:
-        """Log `metrics` (when given) and draw artifacts from `ema` (when given) at `step`. Returns why the run must
-        stop (the tracking server is unreachable), the same on every rank, or None."""
-        if metrics is None and ema is None:
-            return None
+        """Buffer `metrics` (when given) and flush the buffer when the server may answer; draw artifacts from `ema`
+        (when given) unless the server is away. Returns why the run must stop (MLflow refused a request), the
+        same on every rank, or None."""
         fatal = None
-        if self.tracker is not None and step > self.logged_until:
+        if self.tracker is not None:
             try:
-                if metrics is not None:
-                    self.tracker.log_metrics(self.run_id, {k: v for k, v in metrics.items() if k != "step"}, step)
+                if metrics is not None and step > self.logged_until:
+                    self.buffer.add(step, {k: v for k, v in metrics.items() if k != "step"})
                     _log_progress(self.name, step, self.config.train.steps, metrics)
-                if ema is not None:
-                    with tempfile.TemporaryDirectory(prefix="dcdit-art-") as tmp:
-                        for path in write_artifacts(ema, self.config, step, runtime, tmp):
-                            self.tracker.log_artifact(self.run_id, path, "samples")
-            except TrackingUnavailable as err:
+                self._flush(step)
+                if ema is not None and not self.outage:
+                    self._artifacts(step, ema, runtime)
+            except DCDiTError as err:  # not TrackingUnavailable: a request MLflow refuses, so waiting cannot help
                 fatal = f"{err}; stopped at step {step}"
         if self.world_size > 1:
             holder = [fatal]
@@ -60,11 +118,49 @@ class StepLogger:
             fatal = holder[0]
         return fatal
 
+    def _flush(self, step: int) -> None:
+        if not len(self.buffer) or time.monotonic() < self.retry_at:
+            return
+        try:
+            if not self.known:
+                self._connect()
+                if not self.known:
+                    return
+            self.tracker.log_metric_records(self.run_id, self.buffer.records)
+        except TrackingUnavailable as err:
+            self._unavailable(err, step)
+            return
+        self.logged_until = max(self.logged_until, max(r["step"] for r in self.buffer.records))
+        self.buffer.drop_until(self.logged_until)
+        if self.outage:
+            held = f"steps {self.outage[0]}-{self.outage[1]}"
+            _progress.warning("[%s] MLflow is back: %s were buffered and are logged now", self.name, held)
+            with contextlib.suppress(TrackingUnavailable):
+                self.tracker.set_tags(self.run_id, {"dcdit.tracking_outage": f"{held} buffered on the worker and "
+                                                                               f"logged at step {step}"})
+            self.outage, self.delay = [], 2.0
+
+    def _unavailable(self, err: TrackingUnavailable, step: int) -> None:
+        if not self.outage:
+            _progress.warning("[%s] %s; training goes on and step metrics wait in %s", self.name, err,
+                              self.buffer.path)
+            self.outage = [step, step]
+        self.outage[1] = step
+        self.retry_at = time.monotonic() + self.delay
+        self.delay = min(self.delay * 2, RETRY_MAX_S)
+
+    def _artifacts(self, step: int, ema: nn.Module, runtime: Runtime) -> None:
+        with tempfile.TemporaryDirectory(prefix="artifacts-", dir=self.buffer.path.parent) as tmp:
+            try:
+                for path in write_artifacts(ema, self.config, step, runtime, tmp):
+                    self.tracker.log_artifact(self.run_id, path, "samples")
+            except TrackingUnavailable as err:
+                _progress.warning("[%s] samples of step %d not logged: %s", self.name, step, err)
+
     def record_error(self, message: str) -> None:
         """Best effort: the server may be what failed."""
         if self.tracker is None:
             return
-        self.tracker.retry_timeout_s = min(self.tracker.retry_timeout_s, 10.0)
         with contextlib.suppress(DCDiTError):
             self.tracker.set_tags(self.run_id, {"dcdit.error": message})
 

@@ -37,4 +37,9 @@ class WorkerPayload:
     run_id: str  # the MLflow run, unless the checkpoint a worker resumes from names one
     config_hash: str  # of the science: a checkpoint of another hash is refused
     tracking_uri: str  # redacted: used when the secrets hold none
+    storage_uri: str = ""  # the storage root (credentials travel in the secrets' storage options)
+    lease: str = ""  # this driver's claim on the run: a worker writes nothing once another driver holds it
+    resume_from: str | None = None  # the checkpoint the driver verified and named; None: a fresh start
     secrets: Any = None  # a Ray ObjectRef to WorkerSecrets (None in one process, whose session holds them)
+    outcome: Any = None  # the driver's OutcomeBox actor (Ray only)
+    driver: tuple[str, int] | None = None  # (host, pid) of the driver process: workers on its host watch the pid

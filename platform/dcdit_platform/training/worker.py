@@ -5,9 +5,10 @@ Resumption is exact: micro-batches are seeded by (seed, step, index), everything
 
 from __future__ import annotations
 
+from dcdit.errors import DCDiTError
 from dcdit_platform.config import build_config
 from dcdit_platform.training.artifacts import artifacts_due
-from dcdit_platform.training.checkpointer import Checkpointer, restore
+from dcdit_platform.training.checkpointer import Checkpointer, collective, restore
 from dcdit_platform.training.data import make_reader, open_source
 from dcdit_platform.training.logger import StepLogger
 from dcdit_platform.training.metrics import LoopClock, MetricWindow
@@ -16,16 +17,20 @@ from dcdit_platform.training.runtime import select_runtime
 from dcdit_platform.training.sessions import RaySession, Session
 from dcdit_platform.training.state import build_train_state, start_distiller
 from dcdit_platform.training.step import build_objective, ema_update, train_step
+from dcdit_platform.training.upload import prune_staging
 
 
 def train_worker(config: dict) -> None:
     """Ray Train's train_loop_per_worker; Ray hands over a dict, whose one entry is the typed payload."""
-    run_worker(config["payload"], RaySession())
+    payload = config["payload"]
+    run_worker(payload, RaySession(payload, build_config(payload.config).checkpoint.upload_timeout_s))
 
 
 def run_worker(payload: WorkerPayload, session: Session) -> None:
-    """Build, restore, train to `train.steps`, checkpoint and log. Stops early (reporting `error`) on a non-finite
-    loss or an unreachable tracking server, after the last good checkpoint and on every rank at the same step.
+    """Build, restore, train to `train.steps`, checkpoint and log, then leave the outcome with the session. Stops
+    early (the outcome names why) on a non-finite loss or any error a restart cannot fix (DCDiTError: storage that
+    stays unwritable, a refused MLflow request, a checkpoint of another run), after the last good checkpoint and
+    on every rank at the same step. A worker whose driver is gone exits without writing anything more.
 
     Over 60 lines on purpose: the loop's spine reads top to bottom in one piece, as DiT's train.py does."""
     clock = LoopClock()
@@ -33,9 +38,20 @@ def run_worker(payload: WorkerPayload, session: Session) -> None:
     secrets.export_env()
     config = build_config(payload.config)
     t, rank, world = config.train, session.rank, session.world_size
-    runtime = select_runtime(config, session.device())
+    stopped = {"step": 0}
 
-    ckpt = restore(session, payload)
+    def stop(message: str, logger: StepLogger | None = None) -> None:
+        if logger is not None:
+            logger.record_error(message)
+        if rank == 0:
+            session.finish({**stopped, "error": message})
+
+    try:
+        runtime = select_runtime(config, session.device())
+        ckpt = restore(session, payload, config)
+    except DCDiTError as err:
+        stop(str(err))
+        return
     start = int(ckpt.state["step"]) if ckpt else 0
     run_id = (ckpt.state.get("mlflow_run_id") if ckpt else None) or payload.run_id
     state = build_train_state(config, ckpt, runtime, rank, world)
@@ -43,22 +59,20 @@ def run_worker(payload: WorkerPayload, session: Session) -> None:
     objective = build_objective(config)
     reader = make_reader(config, open_source(config, secrets.storage_options), rank, world,
                          ckpt.state.get("data_cursor") if ckpt else None)
-    logger = StepLogger(config, name=payload.name, run_id=run_id, rank=rank, world_size=world, start=start,
-                        tracking_uri=secrets.tracking_uri or payload.tracking_uri)
     window = MetricWindow(config, latest=ckpt.state.get("metrics", {}) if ckpt else None)
     checkpointer = Checkpointer(config, payload, session, run_id=run_id, clock=clock,
                                 last_step=start if ckpt else None)
+    stopped.update(window.latest, step=start)
+    logger = None
     clock.start_loop()
-
-    def stop(message: str) -> None:
-        logger.record_error(message)
-        session.report({**window.latest, "step": checkpointer.last_step or 0, "error": message})
-
     try:
-        if start >= t.steps:
-            session.report({**window.latest, "step": start, "done": True})
-            return
+        logger = StepLogger(config, name=payload.name, run_id=run_id, rank=rank, world_size=world, start=start,
+                            tracking_uri=secrets.tracking_uri or payload.tracking_uri, staging=session.staging,
+                            carried=ckpt.state.get("pending_metrics") if ckpt else None)
+        collective(session, logger.connect)
         for step in range(start + 1, t.steps + 1):
+            if rank == 0:
+                session.stop_if_orphaned()
             if distiller is not None and step > t.distill_steps:
                 distiller.close()
                 distiller = None
@@ -69,7 +83,7 @@ def run_worker(payload: WorkerPayload, session: Session) -> None:
             if not result.finite:
                 what = "loss" if result.stats["nonfinite"] > 0 else "gradient norm"
                 stop(f"non-finite {what} at step {step}; stopped before its optimizer step. Last good checkpoint: "
-                     f"{checkpointer.last_good()}. Lower train.lr, use fp32, or check the data")
+                     f"{checkpointer.last_good()}. Lower train.lr, use fp32, or check the data", logger)
                 return
             ema_update(state.ema, state.model, t.ema_decay)
             window.add(result)
@@ -78,13 +92,20 @@ def run_worker(payload: WorkerPayload, session: Session) -> None:
             metrics = window.metrics(step) if log or save else None
             fatal = logger.publish(step, metrics if log else None, state.ema if draw else None, runtime)
             if fatal:
-                stop(f"{fatal}. Last good checkpoint: {checkpointer.last_good()}")
+                stop(f"{fatal}. Last good checkpoint: {checkpointer.last_good()}", logger)
                 return
             if log:
                 window.reset()
             if save:
-                checkpointer.save(step, metrics, state, reader.cursor)
+                checkpointer.save(step, metrics, state, reader.cursor, {"pending_metrics": logger.pending()})
+                stopped.update(metrics, step=step)
+        if rank == 0:
+            session.finish({**stopped, "pending_metrics": len(logger.pending()), "done": True})
+    except DCDiTError as err:
+        stop(f"{err}. Last good checkpoint: {checkpointer.last_good()}", logger)
     finally:
         reader.close()
         if distiller is not None:
             distiller.close()
+        if rank == 0:
+            prune_staging(session.staging, checkpointer.last_step or 0)
