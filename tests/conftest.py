@@ -18,6 +18,19 @@ import ray
 from dcdit_platform.raycluster import free_port
 
 
+# --- The user cache (~/.cache/dcdit: domain classifiers, weight copies) in a folder of the session ------------
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """XDG_CACHE_HOME of the session, set before any Ray starts so that workers and subprocesses inherit it."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield os.environ["XDG_CACHE_HOME"]
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
+
+
 # --- S3: moto's threaded server on 127.0.0.1, spoken to over HTTP by s3fs/pyarrow/boto3 -----------------------
 S3_BUCKET = "dcdit-test"
 _S3_ENV = {

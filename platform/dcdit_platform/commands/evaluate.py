@@ -13,9 +13,11 @@ def register(subparsers) -> None:
         "eval", help="score a checkpoint: FID/sFID/IS/KID/precision-recall and GFLOPs, on Ray actors",
         description="Generates --num-samples class-balanced samples with the checkpoint's EMA weights (sample i: its "
                     "own seed, label i mod classes) on Ray actors and compares their features with the reference. "
-                    "The numbers do not depend on --workers. Results go to storage (JSON, sample grid) and to the "
-                    "checkpoint's MLflow run. CHECKPOINT is a checkpoint directory or a run directory (its latest "
-                    "checkpoint), local or s3://.")
+                    "The numbers do not depend on --workers. Results go next to the run in storage "
+                    "(RUN/evaluations/CHECKPOINT/PROTOCOL.json and .png, printed at the end) and to the checkpoint's "
+                    "MLflow run. CHECKPOINT is a checkpoint directory or a run directory (its latest checkpoint), "
+                    "local or s3://. Checkpoints trained on the synthetic data are scored offline with its domain "
+                    "classifier (FD); others with Inception (FID), whose weights must be on the machine.")
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("--num-samples", type=int, default=50_000, help="samples to generate (default 50000: FID-50K)")
     p.add_argument("--workers", type=int, default=None,
@@ -34,13 +36,17 @@ def register(subparsers) -> None:
                         "--cfg-scale is given)")
     p.add_argument("--reference", default=None, metavar="REF",
                    help="ADM reference batch / statistics .npz, a prepared dataset, an image folder, 'synthetic' or "
-                        "'synthetic:seed=0,image_size=32,num_classes=10,num_samples=10000' (default: the "
+                        "'synthetic:seed=0,image_size=16,num_classes=10,num_samples=10000' (default: the "
                         "checkpoint's training data; its statistics are computed once and cached in storage)")
-    p.add_argument("--extractor", default="inception-v3-compat",
-                   help="inception-v3-compat (FID, default), dcdit-synthetic-classifier (FD and class accuracy; "
-                        "trained once on the synthetic data and cached), or another torch-fidelity extractor (FD)")
+    p.add_argument("--extractor", default=None,
+                   help="dcdit-synthetic-classifier (FD and class accuracy; trained once per machine on the "
+                        "synthetic data, about a minute, cached in ~/.cache/dcdit/extractors/ and "
+                        "STORAGE/_cache/extractors/), inception-v3-compat (FID), or "
+                        "another torch-fidelity extractor (FD). Default: the domain classifier for checkpoints "
+                        "trained on the synthetic data, else Inception (and Inception whenever --weights is given)")
     p.add_argument("--weights", default=None, metavar="PATH",
-                   help="extractor weights file (offline clusters: weights-inception-2015-12-05-6726825d.pth)")
+                   help="extractor weights file (Inception offline: weights-inception-2015-12-05-6726825d.pth, or "
+                        "put it in $TORCH_HOME/hub/checkpoints/)")
     p.add_argument("--export-npz", default=None, metavar="PATH",
                    help="also write the samples as an ADM sample batch (arr_0 uint8 NHWC, arr_1 labels)")
     p.add_argument("--metrics", default=",".join(("fid", "sfid", "is", "kid", "pr")), metavar="LIST",

@@ -4,16 +4,17 @@ in one process, with the evaluator's extractors and float64 statistics.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from dcdit.errors import DCDiTError
-from dcdit.features import DOMAIN_EXTRACTOR, INCEPTION
+from dcdit.features import INCEPTION
 from dcdit.metrics import FeatureStats, Moments, frechet_distance
-from dcdit_platform.evaluation.extractors import CACHE_DIR, ExtractorSpec, prepare_extractor
+from dcdit_platform.evaluation.extractors import (DEFAULT_SYNTHETIC, ExtractorSpec, fid_default_extractor,
+                                                  prepare_extractor)
 from dcdit_platform.evaluation.metrics import accumulate, biased_estimates
 from dcdit_platform.evaluation.npz_files import npz_moments, read_npz, save_statistics
 from dcdit_platform.evaluation.sources import IMAGE_EXTENSIONS, decode_image, list_images
@@ -74,13 +75,17 @@ def _statistics(batches: Iterable[np.ndarray], extractor) -> dict[str, FeatureSt
     return stats
 
 
-def fid_between(input1: str, input2: str, *, extractor: str = INCEPTION, weights: str | None = None,
-                batch_size: int = 64, save_stats: str | None = None) -> dict:
-    """FID (FD for other extractors; sFID when both sides have spatial statistics) between two inputs."""
-    if extractor == DOMAIN_EXTRACTOR and weights is None:
-        raise DCDiTError(f"--extractor {DOMAIN_EXTRACTOR} needs --weights (the classifier file cached by `dcdit "
-                         f"eval` under {{storage}}/{CACHE_DIR}/extractors/)")
-    spec, ex = prepare_extractor(extractor, weights, build=True)
+def fid_between(input1: str, input2: str, *, extractor: str | None = None, weights: str | None = None,
+                batch_size: int = 64, save_stats: str | None = None, echo: Callable[[str], None] | None = None) -> dict:
+    """FID (FD for other extractors; sFID when both sides have spatial statistics) between two inputs. Without
+    `extractor`: Inception when its weights are here, else (offline) the default synthetic data's domain
+    classifier, said on `echo`; the domain classifier without `weights` is that one, trained once and cached."""
+    if extractor is None:
+        extractor, why = fid_default_extractor(weights)
+        if why and echo:
+            echo(why)
+    spec, ex = prepare_extractor(extractor, weights, domain_source=dict(DEFAULT_SYNTHETIC), build=True,
+                                 echo=echo)
     ex.batch_size = batch_size
     sides = [fid_input(p, ex, spec, batch_size=batch_size) for p in (input1, input2)]
     name = "fid" if extractor == INCEPTION else "fd"

@@ -98,6 +98,7 @@ def write_result(storage, ckpt: LoadedCheckpoint, slug: str, summary: dict, grid
     base = f"{ckpt.run_name or 'unnamed'}/{RESULTS_DIR}/{ckpt.dirname}/{slug}"
     for suffix, path in grids.items():
         storage.write_bytes(f"{base}{suffix}.png", path.read_bytes())
+    summary["grid_uris"] = [storage.join(f"{base}{suffix}.png") for suffix in grids]
     if curve is not None:
         storage.write_bytes(f"{base}-curve.png", curve.read_bytes())
         summary["curve_uri"] = storage.join(f"{base}-curve.png")
@@ -175,8 +176,11 @@ def format_table(summary: dict) -> str:
         cells = [e.get("rho") if "sweep" in summary else summary.get("rho")] + [e.get(k) for k in keys]
         lines.append("  " + "  ".join(f"{_cell(c):>14}" for c in cells))
     lines.append(f"  results: {summary['result_uri']}")
+    lines += [f"  sample grid: {uri}" for uri in summary.get("grid_uris", ())]
     if summary.get("export_npz"):
         lines.append(f"  samples: {summary['export_npz']}")
+    if summary.get("mlflow_logged"):
+        lines.append(f"  MLflow run {summary['mlflow_run_id']} (under eval/{summary['slug']}/)")
     return "\n".join(lines)
 
 

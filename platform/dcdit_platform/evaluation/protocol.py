@@ -40,7 +40,7 @@ class EvalConfig:
     tail_drop_sweep: tuple[float, ...] | None = None
     lite_cfg: bool = False
     reference: str | None = None  # npz (ADM batch or statistics), dataset, folder, 'synthetic'; None = training data
-    extractor: str = INCEPTION
+    extractor: str | None = None  # None: the domain classifier on synthetic data, else Inception
     weights: str | None = None
     export_npz: str | None = None
     storage: str | None = None

@@ -1,6 +1,6 @@
 """`dcdit fid`: equal to torch-fidelity's own FID on the same folders and weights (Inception stand-in weights, since
 the real ones cannot be downloaded here), the same number from folders, sample npz files and statistics files,
-FD naming for the domain classifier, and the one-line error for missing weights."""
+FD naming for the domain classifier, the one-line error for missing weights, and the offline default extractors."""
 
 from __future__ import annotations
 
@@ -118,3 +118,24 @@ def test_statistics_of_another_extractor_are_refused(tmp_path, domain_classifier
     assert main(["fid", str(tmp_path / "wrong.npz"), str(a), "--extractor", DOMAIN_EXTRACTOR,
                  "--weights", domain_classifier]) == 2
     assert "10-dimensional statistics" in capsys.readouterr().err
+
+
+def test_offline_defaults_pick_the_domain_classifier_for_synthetic_data_and_say_so(tmp_path, monkeypatch):
+    from dcdit.features import INCEPTION
+    from dcdit_platform.evaluation.extractors import choose_extractor, fid_default_extractor
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights in the hub cache
+    name, why = fid_default_extractor(None)
+    assert name == DOMAIN_EXTRACTOR and "not FID" in why and INCEPTION_WEIGHTS_FILE in why
+    assert fid_default_extractor("weights.pth") == (INCEPTION, None)
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / INCEPTION_WEIGHTS_FILE).write_bytes(b"present")
+    assert fid_default_extractor(None) == (INCEPTION, None)
+    # `dcdit eval`: the domain classifier for synthetic training data, Inception for real data or with --weights.
+    synthetic = {"kind": "synthetic", "seed": 0, "image_size": 16, "num_classes": 10, "num_samples": 512}
+    name, why = choose_extractor(None, None, synthetic)
+    assert name == DOMAIN_EXTRACTOR and why.startswith("synthetic data: FD")
+    assert choose_extractor(None, "weights.pth", synthetic) == (INCEPTION, None)
+    assert choose_extractor(None, None, None) == (INCEPTION, None)
+    assert choose_extractor("vgg16", None, synthetic) == ("vgg16", None)
