@@ -9,10 +9,11 @@ from dcdit_platform.console import print_json
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "flops", help="parameters, GMACs per forward pass and TFLOPs per generated image",
-        description="Counts multiply-accumulates of one forward pass of one sample (the DiT paper's 'Gflops': "
-                    "DiT-XL/2 = 118.6) and TFLOPs per image in the DC-DiT v2 convention (2 FLOPs per MAC, +3 per "
-                    "attention score) x sampling steps x branches (--cfg: two; --lite-cfg: the unconditional one at "
+        "flops", help="parameters, GFLOPs per forward pass and TFLOPs per generated image",
+        description="Counts the FLOPs of one forward pass of one sample and the TFLOPs per image in the DC-DiT v2 "
+                    "convention (2 FLOPs per multiply-accumulate, +3 per attention score), next to the "
+                    "multiply-accumulates the DiT paper's table calls 'Gflops' (DiT-XL/2 = 118.6 GMACs); per image: "
+                    "the forward FLOPs x sampling steps x branches (--cfg: two; --lite-cfg: the unconditional one at "
                     "tail drop 0.9). DC-DiT is counted analytically at a kept fraction (default 1/N); --measure also "
                     "runs the model under "
                     "torch's FlopCounterMode on a random batch, its untrained router calibrated to that fraction.")
@@ -41,7 +42,8 @@ def flops(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
         return 0
-    line = (f"{summary['model']}: {summary['params'] / 1e6:.1f}M params, {summary['gmacs']:.2f} GMACs per forward, "
+    line = (f"{summary['model']}: {summary['params'] / 1e6:.1f}M params, {summary['v2_gflops']:.2f} GFLOPs per forward "
+            f"({summary['gmacs']:.2f} GMACs, the unit the DiT paper calls 'Gflops'), "
             f"{summary['tflops_per_image']:.2f} TFLOPs per image ({summary['sampling_steps']} steps, "
             f"{summary['cfg_branches_counted']} CFG branch{'es' if args.cfg else ''})")
     if "kept_fraction" in summary:
@@ -49,7 +51,7 @@ def flops(args: argparse.Namespace) -> int:
     print(line)
     if "measured" in summary:
         m = summary["measured"]
-        print(f"measured on a batch of {m['batch']}: {m['gmacs']:.2f} GMACs per sample"
-              + (f" at kept fraction {m['kept_fraction']:.3f} (analytic at those counts: "
-                 f"{m['analytic_gmacs_at_kept']:.2f})" if "kept_fraction" in m else ""))
+        print(f"measured on a batch of {m['batch']}: {2 * m['gmacs']:.2f} GFLOPs per sample (2 per counted "
+              "multiply-accumulate)" + (f" at kept fraction {m['kept_fraction']:.3f} (analytic at those counts: "
+                                        f"{2 * m['analytic_gmacs_at_kept']:.2f})" if "kept_fraction" in m else ""))
     return 0

@@ -15,11 +15,13 @@ def register(subparsers) -> None:
         "train", help="train or resume a DiT / DC-DiT run on Ray Train (DDP), tracked in MLflow",
         description="Train the experiment in CONFIG (YAML; `_base_: other.yaml` inherits). Running the same "
                     "command again, or with the same --name, resumes the run exactly from its latest checkpoint "
-                    "in the same MLflow run. The config is validated before Ray starts.")
+                    "in the same MLflow run. The config is validated before Ray starts. Checkpoints go to "
+                    "STORAGE/NAME/, sample grids and boundary maps to the MLflow run's artifacts (samples/); the "
+                    "paths are printed at the end.")
     p.add_argument("config", metavar="CONFIG", help="experiment YAML, e.g. experiments/smoke.yaml")
     p.add_argument("--name", default=None,
                    help="run name (default: the config's `name`, else <file stem>-<config hash>)")
-    _common(p)
+    _common(p, example="-o train.lr=2e-4 -o train.steps=1000")
     p.set_defaults(func=train_command)
 
     p = subparsers.add_parser(
@@ -28,13 +30,13 @@ def register(subparsers) -> None:
                     "(read from the storage). Overrides may change only what does not alter the science "
                     "(train.steps, checkpoint.*, logging.*, resources.*, ...).")
     p.add_argument("name", metavar="NAME")
-    _common(p)
+    _common(p, example="-o train.steps=2000 -o checkpoint.every=500")
     p.set_defaults(func=resume_command)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, *, example: str) -> None:
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, value parsed as YAML (repeatable): -o train.lr=2e-4 -o train.steps=1000")
+                   help=f"dotted override, value parsed as YAML (repeatable): {example}")
     p.add_argument("--storage", default=None, metavar="URI",
                    help="storage root: a local path or s3://bucket/prefix (default ./dcdit-runs)")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
@@ -98,13 +100,32 @@ def _run(config, *, name, config_path, args: argparse.Namespace) -> int:
         if args.json:  # scripts read the failed run's summary; the error line follows on stderr
             print_json(err.summary)
         raise
+    summary["samples"] = _samples_location(plan.tracking_uri, summary["mlflow_run_id"])
     if args.json:
         print_json(summary)
     else:
         metrics = summary["metrics"]
         loss = metrics.get("train/loss")
-        print(f"run {summary['name']}: step {summary['step']}"
-              + (f", loss {loss:.4f}" if isinstance(loss, float) else "")
-              + f"\n  checkpoint: {summary['checkpoint']}\n  MLflow run {summary['mlflow_run_id']} at "
-                f"{summary['tracking_uri']} (experiment {summary['experiment']})", flush=True)
+        lines = [f"run {summary['name']}: step {summary['step']}" + (f", loss {loss:.4f}" if isinstance(loss, float)
+                                                                      else ""),
+                 f"  checkpoint: {summary['checkpoint']}"]
+        if summary["samples"]:
+            lines.append(f"  samples and boundary maps: {summary['samples']}")
+        lines.append(f"  MLflow run {summary['mlflow_run_id']} at {summary['tracking_uri']} (experiment "
+                     f"{summary['experiment']})")
+        if summary["tracking_uri"].startswith("sqlite:"):
+            lines.append(f"  see the runs: mlflow ui --backend-store-uri {summary['tracking_uri']}")
+        print("\n".join(lines), flush=True)
     return 0
+
+
+def _samples_location(tracking_uri: str, run_id: str) -> str | None:
+    """Where the run's sample grids and boundary maps are (its MLflow artifacts under samples/; a local path for a
+    SQLite store), or None when it drew none (logging.artifacts_every < 0)."""
+    from dcdit_platform.tracking import Tracker
+
+    tracker = Tracker(tracking_uri, retry_timeout_s=30.0)
+    if not tracker.list_artifacts(run_id, "samples"):
+        return None
+    uri = f"{tracker.get_run(run_id).info.artifact_uri}/samples"
+    return uri.removeprefix("file://")
