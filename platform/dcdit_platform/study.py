@@ -64,15 +64,15 @@ def load_upcycle_spec(path: str | os.PathLike) -> UpcycleSpec:
 
 def write_sweep_copy(out: Path, base: Path, *, steps: int | None, seeds: int | None) -> Path:
     """{out}/sweep.yaml: `_base_` the study's sweep, its experiment path made absolute, and the size knobs: --steps
-    rescales the steps, checkpoints (four) and warm-ups; --seeds keeps the first seeds."""
+    rescales the steps, checkpoints (two: mid-run and last) and warm-ups; --seeds keeps the first seeds."""
     if not base.is_file():
         raise DCDiTError(f"study sweep {base} not found: pass --config experiments/study/sweep.yaml from a checkout")
     tree = load_yaml_tree(base)
     data: dict[str, Any] = {"_base_": str(base), "experiment": str((base.parent / tree["experiment"]).resolve())}
     if steps is not None:
         if steps < 8:
-            raise DCDiTError(f"--steps must be >= 8 (four checkpoints and the warm-ups), got {steps}")
-        data["overrides"] = {"train.steps": steps, "checkpoint.every": steps // 4,
+            raise DCDiTError(f"--steps must be >= 8 (two checkpoints and the warm-ups), got {steps}")
+        data["overrides"] = {"train.steps": steps, "checkpoint.every": steps // 2,
                              "train.chunking.budget_warmup_steps": steps // 8, "train.warmup_steps": steps // 32}
     if seeds is not None:
         if seeds < 1:
