@@ -13,7 +13,7 @@ from dcdit_platform.reports.protocols import PROTOCOL_KEYS, protocol_warning
 from dcdit_platform.reports.records import Probe, ProtocolGroup, RunRow, Sweep
 from dcdit_platform.reports.render import Bullets, Document, Figure, Gallery, Section, Table, Text
 from dcdit_platform.reports.study import TABLE_HEADER as STUDY_HEADER
-from dcdit_platform.reports.study import study_findings, study_table
+from dcdit_platform.reports.study import study_table
 
 QUALITY_KEYS = ("fid", "fd", "sfid", "is_mean", "kid_mean", "kd_mean", "precision", "recall", "class_accuracy")
 CSV_COLUMNS = ("run_id", "name", "status", "arch", "model", "N", "lambda", "params", "forward_gflops", "compression",
@@ -44,7 +44,7 @@ def report_document(sweep: Sweep, facts: dict[str, list[str]], figures: dict[str
     meta = (f"MLflow parent run `{sweep.parent_id}` in experiment `{sweep.experiment}` at `{sweep.tracking_uri}`; "
             f"{len(sweep.rows)} run(s), {len(sweep.groups)} evaluation protocol(s).")
     findings = [Bullets(title, facts[key]) for title, key in FINDING_SECTIONS if facts.get(key)]
-    sections = [Section("Findings", findings), *_study_sections(sweep, figures),
+    sections = [Section("Findings", findings), *_study_sections(sweep, facts.get("study", []), figures),
                 Section("Runs", [Table(RUN_HEADER, [run_cells(r) for r in sweep.rows]),
                                  Text(_RUNS_CAPTION, "caption")]),
                 *_quality_sections(sweep, figures)]
@@ -64,9 +64,8 @@ def report_document(sweep: Sweep, facts: dict[str, list[str]], figures: dict[str
     return Document(title=f"Sweep report: {sweep.name}", meta=meta, notes=list(sweep.notes), sections=sections)
 
 
-def _study_sections(sweep: Sweep, figures: dict[str, Path]) -> list[Section]:
-    """The study's answers to the paper's claims a-f (reports.study), when the sweep is a study."""
-    answers = study_findings(sweep)
+def _study_sections(sweep: Sweep, answers: list[str], figures: dict[str, Path]) -> list[Section]:
+    """The study's answers to the paper's claims a-f (`answers`, from reports.study), when the sweep is a study."""
     if not answers:
         return []
     blocks = [Bullets("Claims a-f, with the spread over seeds", answers), Table(STUDY_HEADER, study_table(sweep)),

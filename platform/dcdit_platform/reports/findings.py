@@ -9,6 +9,7 @@ from dcdit.features import DEFAULT_RECIPE, DOMAIN_EXTRACTOR, INCEPTION, INCEPTIO
 from dcdit_platform.reports.protocols import protocol_warning
 from dcdit_platform.reports.ranking import finite
 from dcdit_platform.reports.records import Evaluation, ProtocolGroup, RunRow, Sweep
+from dcdit_platform.reports.study import study_findings
 
 # (title, key of findings()) in the order a report shows them
 FINDING_SECTIONS = (("Do boundaries follow detail?", "detail"), ("Kept fraction vs timestep", "timestep"),
@@ -27,14 +28,15 @@ FEATURE_DIMS = {INCEPTION: INCEPTION_DIMS["pool"], DOMAIN_EXTRACTOR: DEFAULT_REC
 
 
 def findings(sweep: Sweep) -> dict[str, list[str]]:
-    """Plain statements about detail-following, kept fraction vs timestep and quality vs compute."""
+    """Plain statements about detail-following, kept fraction vs timestep and quality vs compute; for a study, its
+    answers to the paper's claims a-f (reports.study, shown in a section of their own)."""
     routed = [r for r in sweep.rows if r.routed]
     quality = [line for group in sweep.groups for line in _quality(group)]
     if len(sweep.groups) > 1:
         quality.insert(0, protocol_warning([g.protocol for g in sweep.groups]))
     return {"detail": _detail(routed), "timestep": [line for row in routed for line in _timestep(row)],
             "compression": [_compression(r) for r in routed if r.n and finite(r.compression)],
-            "quality": quality, "caveats": _caveats(sweep)}
+            "quality": quality, "caveats": _caveats(sweep), "study": study_findings(sweep)}
 
 
 def _families(rows: list[RunRow]) -> str:

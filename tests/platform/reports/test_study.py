@@ -134,3 +134,17 @@ def test_one_seed_is_said_to_have_no_spread():
     assert compare([1.0], [3.0]) == "holds (one seed, no spread to judge against)"
     assert compare([5.0], [3.0]) == "does not hold (the other way round, one seed, no spread to judge against)"
     assert compare([1.0, 4.0], [3.0, 5.0]) == "is not decided (the seeds overlap)"
+
+
+def test_the_report_shows_the_answers_in_a_section_of_their_own():
+    from dcdit_platform.reports.contents import report_document
+    from dcdit_platform.reports.findings import findings
+
+    sweep = _study()
+    facts = findings(sweep)
+    assert facts["study"] == study_findings(sweep)
+    titles = [section.heading for section in report_document(sweep, facts, {}).sections]
+    assert titles[:2] == ["Findings", "The paper's claims at this scale"]
+    no_study = _sweep([_learned(0, [40.0])])
+    assert "The paper's claims at this scale" not in [s.heading for s in report_document(no_study, findings(no_study),
+                                                                                       {}).sections]
