@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import boto3
 import moto.server
@@ -46,10 +46,23 @@ class S3Server:
     endpoint: str  # http://127.0.0.1:PORT
     bucket: str
     env: dict
+    port: int = 0
+    running: list = field(default_factory=list)  # the ThreadedMotoServer serving now, if any
 
     def uri(self, name: str = "") -> str:
         """A fresh s3:// prefix in the test bucket (unique per call, so tests never see each other's files)."""
         return f"s3://{self.bucket}/{name or 'x'}-{uuid.uuid4().hex[:8]}"
+
+    def start(self) -> None:
+        """Serve on the endpoint's port (again): moto keeps its buckets and objects in this process."""
+        server = moto.server.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        server.start()
+        self.running.append(server)
+
+    def stop(self) -> None:
+        """An outage: nothing answers on the endpoint until `start`."""
+        while self.running:
+            self.running.pop().stop()
 
 
 @pytest.fixture(scope="session")
@@ -60,17 +73,17 @@ def s3_server():
     """
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's HTTP server logs every request otherwise
     port = free_port()
-    server = moto.server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
     endpoint = f"http://127.0.0.1:{port}"
     env = {**_S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+    s3 = S3Server(endpoint=endpoint, bucket=S3_BUCKET, env=env, port=port)
+    s3.start()
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
     try:
-        yield S3Server(endpoint=endpoint, bucket=S3_BUCKET, env=env)
+        yield s3
     finally:
-        server.stop()
+        s3.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -126,3 +126,36 @@ def test_s3_storage_gives_pyarrow_users_filesystem_and_root(s3_server):
     storage.write_bytes("x.txt", b"1")
     with storage.filesystem.open_input_stream(f"{storage.root}/x.txt") as f:
         assert f.read() == b"1"
+
+
+def test_transient_storage_errors_are_told_by_type_errno_and_status_not_by_text(tmp_path, s3_server):
+    import errno
+
+    import botocore.exceptions
+
+    from dcdit_platform.raycluster import free_port
+    from dcdit_platform.storage import StorageError, is_transient
+
+    def client_error(status: int, code: str) -> botocore.exceptions.ClientError:
+        return botocore.exceptions.ClientError(
+            {"Error": {"Code": code, "Message": "503 Service Unavailable"}, "ResponseMetadata": {"HTTPStatusCode":
+                                                                                                  status}}, "PutObject")
+
+    assert is_transient(client_error(503, "ServiceUnavailable")) and is_transient(client_error(429, "Whatever"))
+    assert is_transient(client_error(400, "SlowDown"))  # S3's throttling code, whatever the status
+    assert not is_transient(client_error(403, "AccessDenied"))  # "503" in its message does not make it transient
+    assert is_transient(OSError(errno.EROFS, "Read-only file system"))
+    assert is_transient(OSError(errno.ENOSPC, "No space left on device"))
+    assert not is_transient(OSError(errno.ENAMETOOLONG, "File name too long (503)"))
+    wrapped = OSError("s3fs says so")
+    wrapped.__cause__ = botocore.exceptions.EndpointConnectionError(endpoint_url="http://x")
+    assert is_transient(wrapped)
+
+    # From real components: a bucket that does not exist (permanent), an endpoint nobody listens on (transient).
+    with pytest.raises(StorageError) as missing:
+        open_storage(f"s3://no-such-bucket-{os.getpid()}/x").write_bytes("a", b"x")
+    assert not missing.value.transient
+    with pytest.raises(StorageError) as down:
+        open_storage("s3://dcdit-test/x", {"endpoint_url": f"http://127.0.0.1:{free_port()}", "max_attempts": 1,
+                                           "connect_timeout": 1}).write_bytes("a", b"x")
+    assert down.value.transient

@@ -166,3 +166,33 @@ def test_brief_outage_is_retried_and_a_long_one_fails_clearly(mlflow_server):
     with pytest.raises(DCDiTError, match="MLflow .* failed"):
         Tracker(uri, retry_timeout_s=60).log_metrics("0" * 32, {"x": 1.0}, 1)
     proxy.down()
+
+
+def test_transient_mlflow_errors_are_told_by_type_and_status_code_not_by_text(tmp_path):
+    import sqlite3
+
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+
+    from dcdit_platform.raycluster import free_port
+    from dcdit_platform.tracking import _transient
+
+    assert _transient(requests.ConnectionError("refused"))
+    assert _transient(MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE))  # HTTP 503
+    assert _transient(RestException({"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "slow down"}))  # 429
+    assert not _transient(MlflowException("bad value 503 429 timed out", error_code=INVALID_PARAMETER_VALUE))
+    assert not _transient(ValueError("Connection refused 503"))  # the old substring test said yes
+
+    # A real SQLite database held by another connection: busy, transient.
+    db = tmp_path / "x.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("create table t (x)")
+    holder.execute("begin exclusive")
+    with pytest.raises(sqlite3.OperationalError) as locked:
+        sqlite3.connect(db, timeout=0).execute("insert into t values (1)")
+    holder.execute("rollback")
+    assert _transient(locked.value)
+    # A real MLflow client call to a port nobody listens on: MLflow wraps requests' error, the cause decides.
+    with pytest.raises(TrackingUnavailable):
+        Tracker(f"http://127.0.0.1:{free_port()}", retry_timeout_s=0).get_run("0" * 32)

@@ -27,7 +27,8 @@ from dcdit_platform.training.runtime import Runtime
 _progress = logging.getLogger("dcdit.train")
 
 CALL_BUDGET_S = 5.0  # how long one logging call retries before its metrics wait in the buffer
-RETRY_MAX_S = 60.0  # the longest pause between two flush attempts during an outage
+RETRY_START_S = 2.0  # the first pause between two flush attempts during an outage, doubled after each failure
+RETRY_MAX_S = 60.0  # the longest pause
 PENDING_FILE = "metrics-pending.jsonl"
 
 
@@ -67,7 +68,7 @@ class StepLogger:
         self.buffer: MetricBuffer | None = None
         self.logged_until = start  # steps up to the checkpoint resumed from are in MLflow or in `carried`
         self.known = False  # whether logged_until came from MLflow itself
-        self.retry_at, self.delay = 0.0, 2.0
+        self.retry_at, self.delay = 0.0, RETRY_START_S
         self.outage: list[int] = []  # first and last step held back by the current outage
         if rank == 0:
             self.tracker = Tracker(tracking_uri, retry_timeout_s=min(CALL_BUDGET_S, config.tracking.retry_timeout_s))
@@ -138,7 +139,7 @@ class StepLogger:
             with contextlib.suppress(TrackingUnavailable):
                 self.tracker.set_tags(self.run_id, {"dcdit.tracking_outage": f"{held} buffered on the worker and "
                                                                                f"logged at step {step}"})
-            self.outage, self.delay = [], 2.0
+            self.outage, self.delay = [], RETRY_START_S
 
     def _unavailable(self, err: TrackingUnavailable, step: int) -> None:
         if not self.outage:

@@ -67,8 +67,9 @@ class _Storage:
         self.staging = staging_root(self.run.uri, payload.name)
         self.lease, self.timeout_s = payload.lease, timeout_s
 
-    def upload(self, local: str, dirname: str, warn=None) -> None:
-        upload_checkpoint(Path(local), self.run, dirname, lease=self.lease, timeout_s=self.timeout_s, warn=warn)
+    def upload(self, local: str, dirname: str) -> None:
+        upload_checkpoint(Path(local), self.run, dirname, lease=self.lease, timeout_s=self.timeout_s,
+                          warn=lambda text: _log.warning("%s", text))
 
     @contextlib.contextmanager
     def local_copy(self, dirname: str) -> Iterator[str]:
