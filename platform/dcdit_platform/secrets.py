@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 REDACTED = "***"
@@ -83,6 +84,26 @@ def secret_env() -> dict[str, str]:
     return {k: os.environ[k] for k in names if k in os.environ}
 
 
+@dataclass(frozen=True)
+class WorkerSecrets:
+    """Credentials a Ray worker or actor needs and nothing may log: the tracking URI with its password, storage
+    options and secret environment variables (set in the process when missing there). Sent as an object
+    reference (ray.put), never in a runtime_env, whose values Ray shows in `ray list jobs --detail`, its jobs API
+    and its runtime-env agent's log."""
+
+    tracking_uri: str | None = None
+    storage_options: dict = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # never print secrets
+        return "WorkerSecrets(***)"
+
+    def export_env(self) -> None:
+        """Set the secret environment variables this process lacks (a worker on another machine)."""
+        for key, value in self.env.items():
+            os.environ.setdefault(key, value)
+
+
 def strip_redacted(tree: Any) -> Any:
     """A stored (redacted) config without its *** values, so credentials come from the environment again."""
     if isinstance(tree, dict):
@@ -91,4 +112,4 @@ def strip_redacted(tree: Any) -> Any:
 
 
 __all__ = ["REDACTED", "is_secret_name", "register_secret", "redact", "redact_config", "split_credentials",
-           "secret_env", "strip_redacted"]
+           "secret_env", "strip_redacted", "WorkerSecrets"]

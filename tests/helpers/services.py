@@ -1,16 +1,22 @@
 """Real services a test can stop and start again: an `mlflow server` subprocess (SQLite backend, proxied
-artifacts) on a given port, waited on until healthy; stopping kills its whole process group (the server and the
-uvicorn worker it starts), with SIGKILL when a test wants a crash rather than a shutdown."""
+artifacts) on a given port, waited on until healthy, stopped by killing its process group (SIGKILL when a test
+wants a crash); a `ray start --head` cluster with token authentication and its own temp folder, stopped by killing
+its session."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
+
+BIN = Path(sys.executable).parent
 
 
 class MlflowProcess:
@@ -61,3 +67,84 @@ class MlflowProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         self.proc = None
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes of session `sid` (field 6 of /proc/PID/stat). Ray's workers put themselves in their own process
+    groups, so killing the driver's group leaves them running; they stay in its session."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_session(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGKILL a process and every process it started (a local Ray included) at once: a lost head node."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = session_pids(proc.pid)
+        if not alive:
+            break
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if proc.poll() is None:
+            proc.wait(timeout=10)
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"processes of session {proc.pid} survived SIGKILL: {session_pids(proc.pid)}")
+
+
+class RayHead:
+    """`ray start --head --block` on free ports with token authentication (a per-head token passed through
+    RAY_AUTH_TOKEN, so ~/.ray/auth_token is never touched) and its own temp folder (its session logs); stopped by
+    killing its session, without touching other Ray instances on the machine. `env` is the environment of the head
+    (and of every worker it starts), plus the token settings; `address` is the dashboard's (jobs API, State API)."""
+
+    def __init__(self, log: Path, env: dict[str, str], *, num_cpus: int = 2):
+        from dcdit_platform.raycluster import free_port
+
+        self.token = uuid.uuid4().hex
+        self.dashboard, self.gcs = free_port(), free_port()
+        self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+                    "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{self.dashboard}"}
+        self.address, self.gcs_address = f"http://127.0.0.1:{self.dashboard}", f"127.0.0.1:{self.gcs}"
+        # Short: Ray's unix sockets live below it, and socket paths are limited to ~107 characters.
+        self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+        self.log, self.num_cpus = log, num_cpus
+        self.ports = {"--port": self.gcs, "--dashboard-port": self.dashboard, "--ray-client-server-port": free_port(),
+                      "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+                      "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
+                      "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+        self.proc: subprocess.Popen | None = None
+
+    def ray(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        """The `ray` CLI with this head's token."""
+        return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, env=self.env, **kwargs)
+
+    def start(self, timeout_s: float = 180.0) -> RayHead:
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(self.num_cpus),
+                 "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
+                 f"--temp-dir={self.temp_dir}", *[f"{k}={v}" for k, v in self.ports.items()]],
+                stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while self.ray("job", "list", "--address", self.address, timeout=60).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the Ray head did not start:\n{self.log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_session(self.proc)
+            self.proc = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -132,7 +132,9 @@ class GenerateTask:
 class EvalWorker:
     """A Ray actor holding one extractor (and, once it generates, the model): computes tasks."""
 
-    def __init__(self, extractor: ExtractorSpec, model: ModelSpec | None, threads: int):
+    def __init__(self, extractor: ExtractorSpec, model: ModelSpec | None, threads: int, secrets: Any = None):
+        if secrets is not None:  # WorkerSecrets (Ray resolves the ObjectRef it was sent as): credentials this
+            secrets.export_env()  # machine's processes may lack
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
@@ -180,9 +182,10 @@ class EvalWorker:
         return self.model, self.vae
 
 
-def eval_actors(extractor: ExtractorSpec, model: ModelSpec | None, *, cpus: float,
-                gpu: bool) -> Callable[[], Any]:
-    """A function starting one EvalWorker actor with `cpus` CPUs (torch threads) and, with `gpu`, one GPU."""
+def eval_actors(extractor: ExtractorSpec, model: ModelSpec | None, *, cpus: float, gpu: bool,
+                secrets: Any = None) -> Callable[[], Any]:
+    """A function starting one EvalWorker actor with `cpus` CPUs (torch threads) and, with `gpu`, one GPU;
+    `secrets` is an ObjectRef of WorkerSecrets whose environment each actor takes on."""
     remote = ray.remote(EvalWorker).options(num_cpus=cpus, num_gpus=1 if gpu else 0, max_restarts=0)
     threads = max(1, int(cpus))
-    return lambda: remote.remote(extractor, model, threads)
+    return lambda: remote.remote(extractor, model, threads, secrets)

@@ -26,9 +26,9 @@ from dcdit_platform.evaluation.pool import ActorPool
 from dcdit_platform.evaluation.protocol import EvalConfig, protocol_record, protocol_slug, shards_of
 from dcdit_platform.evaluation.references import Reference, resolve_reference
 from dcdit_platform.evaluation.sources import Geometry, domain_source, evaluation_reference, generation_geometry
-from dcdit_platform.raycluster import ray_session, target_address
+from dcdit_platform.raycluster import ray_session
 from dcdit_platform.runs import open_checkpoint
-from dcdit_platform.secrets import secret_env
+from dcdit_platform.secrets import WorkerSecrets, secret_env
 from dcdit_platform.storage import open_storage
 
 _echo = console.echo("eval")
@@ -52,12 +52,13 @@ def evaluate(cfg: EvalConfig, *, on_event: Callable[[dict], None] | None = None,
     plans = [cfg.sampling_plan(rho, config.model, config.diffusion.num_timesteps, geometry.num_classes)
              for rho in cfg.rhos()]
 
-    remote_env = {"env_vars": secret_env()} if target_address(cfg.address) else None
-    with ray_session(cfg.address, log_to_driver=False, runtime_env=remote_env):
+    with ray_session(cfg.address, log_to_driver=False):
         workers, gpu = _actor_count(cfg, echo)
         spec = replace(spec, blob=ray.put(Path(spec.weights_path).read_bytes()) if spec.weights_path else None)
         model = ModelSpec(config.model, ray.put(ckpt.weights), geometry.vae)
-        make_actor = eval_actors(spec, model, cpus=cfg.cpus_per_worker, gpu=gpu)
+        # Actors on other machines need the credentials: by object reference, never in the job's runtime_env.
+        secrets = ray.put(WorkerSecrets(env=secret_env()))
+        make_actor = eval_actors(spec, model, cpus=cfg.cpus_per_worker, gpu=gpu, secrets=secrets)
         with ActorPool(workers, make_actor, max_failures=cfg.max_actor_failures, on_event=on_event) as pool:
             echo(f"{workers} actor(s) on {'GPU' if gpu else 'CPU'}; checkpoint {ckpt.uri} (step {ckpt.step})")
             reference = resolve_reference(ref_spec, synthetic_params, spec, storage, pool, cfg, geometry.image_size,

@@ -1,31 +1,14 @@
-"""What the driver sends each training worker: `WorkerPayload` (the run's redacted config and identity) and
-`WorkerSecrets` (credentials), which travels as a Ray object reference so that it stays out of what Ray exports
-to its dashboard.
+"""What the driver sends each training worker: `WorkerPayload` (the run's redacted config and identity, and where
+its checkpoints and outcome go) and `WorkerSecrets` (credentials, secrets.py), which travels as a Ray object
+reference so that it stays out of what Ray exports to its dashboard.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-
-@dataclass(frozen=True)
-class WorkerSecrets:
-    """Credentials a worker needs and nothing may log: the tracking URI with its password, storage options and
-    secret environment variables (set in the worker when missing there)."""
-
-    tracking_uri: str | None = None
-    storage_options: dict = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
-
-    def __repr__(self) -> str:  # never print secrets
-        return "WorkerSecrets(***)"
-
-    def export_env(self) -> None:
-        """Set the secret environment variables this process lacks (a worker on another machine)."""
-        for key, value in self.env.items():
-            os.environ.setdefault(key, value)
+from dcdit_platform.secrets import WorkerSecrets
 
 
 @dataclass(frozen=True)
@@ -43,3 +26,6 @@ class WorkerPayload:
     secrets: Any = None  # a Ray ObjectRef to WorkerSecrets (None in one process, whose session holds them)
     outcome: Any = None  # the driver's OutcomeBox actor (Ray only)
     driver: tuple[str, int] | None = None  # (host, pid) of the driver process: workers on its host watch the pid
+
+
+__all__ = ["WorkerPayload", "WorkerSecrets"]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from dcdit_platform.raycluster import free_port
+from helpers.services import RayHead, kill_session
 
 REPO = Path(__file__).resolve().parents[3]
 SMOKE = REPO / "experiments" / "smoke-sweep.yaml"
@@ -45,39 +46,6 @@ def last_json(text: str) -> dict:
         if line.startswith("{") and '"trials"' in line:
             return json.loads(line)
     raise AssertionError(f"no JSON summary in output:\n{text[-3000:]}")
-
-
-def session_pids(sid: int) -> list[int]:
-    """Processes of session `sid` (field 6 of /proc/PID/stat). Ray's workers put themselves in their own process
-    groups, so killing the driver's group leaves them running; they stay in its session."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def kill_session(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGKILL the driver and every process it started (its local Ray included) at once: a lost head node."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = session_pids(proc.pid)
-        if not alive:
-            break
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if proc.poll() is None:
-            proc.wait(timeout=10)
-        time.sleep(0.2)
-    else:
-        raise AssertionError(f"processes of session {proc.pid} survived SIGKILL: {session_pids(proc.pid)}")
 
 
 def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -209,32 +177,12 @@ def test_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path
 
 @pytest.fixture
 def head_cluster(tmp_path, s3_server):
-    """`ray start --head --block` on free ports with token authentication (a per-test token passed through
-    RAY_AUTH_TOKEN, so ~/.ray/auth_token is never touched); stopped by killing its process group."""
-    token = uuid.uuid4().hex
-    dashboard, gcs = free_port(), free_port()
-    env = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-                  RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}")
-    ports = {"--port": gcs, "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
-             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
-             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
-    log = tmp_path / "ray-head.log"
-    with open(log, "wb") as out:
-        head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2",
-                                 "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                                 "--disable-usage-stats", *[f"{k}={v}" for k, v in ports.items()]],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
+    """`ray start --head` with token authentication (helpers.services.RayHead); yields its address and env."""
+    head = RayHead(tmp_path / "ray-head.log", cli_env()).start()
     try:
-        def up():
-            done = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True,
-                                  env=env, timeout=60)
-            return done.returncode == 0
-        wait_for(up, 180, "the Ray head's job server", head, log)
-        yield address, env
+        yield head.address, head.env
     finally:
-        kill_session(head)  # `ray stop`-like, without touching other Ray instances on the machine
+        head.stop()
 
 
 def test_ray_job_submit_runs_the_smoke_sweep(tmp_path, mlflow_server, s3_server, head_cluster):
