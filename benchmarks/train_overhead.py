@@ -58,7 +58,8 @@ def plain_loop(config) -> dict:
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=0.0)
     objective = TrainingObjective(create_diffusion(), routed=family_of(config.model).routed, downsample_factor=4.0,
-                                  chunking=config.train.chunking, seed=config.seed)
+                                  class_dropout_prob=config.model.class_dropout_prob, chunking=config.train.chunking,
+                                  seed=config.seed)
     d = config.data
     reader = DataReader(SyntheticDataset(d.num_samples, image_size=d.image_size, num_classes=d.num_classes),
                         batch_size=config.train.global_batch, seed=config.seed)

@@ -1,6 +1,7 @@
 """The training objective: diffusion loss + lambda * ratio loss, with the N curriculum and multi-budget training.
 
-One call computes the loss of one micro-batch for DiT or DC-DiT; the training loop owns the optimiser.
+One call computes the loss of one micro-batch for DiT or DC-DiT; the training loop owns the optimiser. Every random
+draw is keyed by (seed, step) or (seed, step, the sample's place in the global batch), never by the batch's split.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from dcdit.data.vae import sample_seed
+from dcdit.diffusion.sampling import NoiseSource, per_sample_generators
 from dcdit.errors import DCDiTError
 from dcdit.models.chunking import Routing, ratio_loss
 
@@ -57,6 +60,27 @@ def budget_for_step(config: ChunkingLossConfig, step: int, seed: int) -> float:
     return random.Random(seed * 1_000_003 + step).choice(config.budget_fractions)
 
 
+@dataclass(frozen=True)
+class SampleDraws:
+    """What training draws for each sample of a micro-batch: its timestep, its noise, whether its label is dropped."""
+
+    t: torch.Tensor  # (B,) long
+    noise: torch.Tensor  # like x0
+    drop: torch.Tensor  # (B,) bool: the label becomes the null class (classifier-free guidance's training)
+
+
+def draw_samples(x0: torch.Tensor, *, seed: int, step: int, first: int, num_timesteps: int,
+                 class_dropout_prob: float) -> SampleDraws:
+    """Sample i of `x0` is sample `first + i` of step `step`'s global batch and draws t ~ U{0..T-1}, u ~ U[0, 1)
+    (dropped when u < class_dropout_prob) and its noise, in that order, from its own CPU generator seeded by
+    sample_seed(seed, step, first + i): the same numbers on any device, worker count and accumulation split."""
+    gens = per_sample_generators([sample_seed(seed, step, first + i) for i in range(x0.shape[0])])
+    t = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in gens])
+    u = torch.cat([torch.rand(1, generator=g) for g in gens])
+    noise = NoiseSource(gens).randn(x0.shape, device=x0.device, dtype=x0.dtype)
+    return SampleDraws(t=t.to(x0.device), noise=noise, drop=(u < class_dropout_prob).to(x0.device))
+
+
 @dataclass
 class StepLoss:
     """The loss of one micro-batch and what the training loop logs about it."""
@@ -77,29 +101,36 @@ class TrainingObjective:
 
     `learned_router=False` (the random and grid controls, `ModelConfig.learned_router`): the budget is fixed by
     construction and nothing routes by gradient, so the objective is the diffusion loss alone; tail dropping and
-    multi-budget training still apply."""
+    multi-budget training still apply.
 
-    def __init__(self, diffusion, *, routed: bool, downsample_factor: float | None = None,
+    `class_dropout_prob` is the model's (`ModelConfig.class_dropout_prob`): the objective draws each sample's label
+    dropout itself (`draw_samples`) and hands it to the model as `force_drop_ids`."""
+
+    def __init__(self, diffusion, *, routed: bool, class_dropout_prob: float, downsample_factor: float | None = None,
                  chunking: ChunkingLossConfig | None = None, seed: int = 0, learned_router: bool = True):
         self.diffusion = diffusion
         self.routed = routed
+        self.class_dropout_prob = class_dropout_prob
         self.learned_router = learned_router
         self.downsample_factor = downsample_factor
         self.chunking = chunking or ChunkingLossConfig()
         self.seed = seed
 
-    def __call__(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, step: int) -> StepLoss:
-        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
+    def __call__(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, step: int, first: int = 0) -> StepLoss:
+        """The loss of micro-batch (x0, y) of optimizer step `step`, whose first sample is sample `first` of the
+        step's global batch."""
+        draws = draw_samples(x0, seed=self.seed, step=step, first=first, num_timesteps=self.diffusion.num_timesteps,
+                             class_dropout_prob=self.class_dropout_prob)
+        t, noise, drop_ids = draws.t, draws.noise, draws.drop.long()
         xt = self.diffusion.q_sample(x0, t, noise)
         if not self.routed:
-            output = model(xt, t, y)
+            output = model(xt, t, y, force_drop_ids=drop_ids)
             terms = self.diffusion.training_losses(output, x0, xt, t, noise)
             diffusion_loss = terms["loss"].mean()
             return StepLoss(loss=diffusion_loss, diffusion_loss=diffusion_loss, ratio_loss=None,
                             timesteps=t, routing=None, extras={k: v.mean() for k, v in terms.items()})
         rho = budget_for_step(self.chunking, step, self.seed)
-        output, routing = model(xt, t, y, tail_drop=rho or None, return_routing=True)
+        output, routing = model(xt, t, y, tail_drop=rho or None, return_routing=True, force_drop_ids=drop_ids)
         terms = self.diffusion.training_losses(output, x0, xt, t, noise)
         diffusion_loss = terms["loss"].mean()
         n = target_compression(self.chunking, self.downsample_factor, step)

@@ -34,9 +34,10 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     return np.ascontiguousarray(arr[top:top + image_size, left:left + image_size])
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of sample `index`'s latent noise: independent of batching and worker count."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+def sample_seed(seed: int, *keys: int) -> int:
+    """The seed of one sample's noise, a function of (seed, *keys) alone, e.g. (seed, index) for a latent or an
+    evaluation sample, (seed, step, index) for a training sample: independent of batching and worker count."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def _looks_like_path(name: str) -> bool:

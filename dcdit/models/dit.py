@@ -73,6 +73,9 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embed `labels`; samples whose `force_drop_ids` is 1 get the null class. The training objective passes its
+        per-sample draws (dcdit.objective.draw_samples) and guidance its unconditional branch; only a training
+        forward without them draws the dropout here, from the global RNG (one batch-sized draw)."""
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             if force_drop_ids is None:
                 drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob

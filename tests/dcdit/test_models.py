@@ -186,7 +186,7 @@ def test_a_tiny_dcdit_overfits_a_few_images_and_its_kept_fraction_moves_to_one_o
     n_target = 4.0
     model = tiny(downsample_factor=n_target, class_dropout_prob=0.0)
     diffusion = create_diffusion(num_timesteps=1000)
-    objective = TrainingObjective(diffusion, routed=True, downsample_factor=n_target,
+    objective = TrainingObjective(diffusion, routed=True, downsample_factor=n_target, class_dropout_prob=0.0,
                                   chunking=ChunkingLossConfig(ratio_loss_weight=0.3, ratio_group_size=8))
     gen = torch.Generator().manual_seed(1)
     images = torch.zeros(8, 4, 8, 8)

@@ -23,7 +23,7 @@ from dcdit.errors import DCDiTError
 from dcdit.flops import calibrate_router, flop_counter
 from dcdit.models import build_model, family_of
 from dcdit.models.attention import attention_backend
-from dcdit.objective import TrainingObjective
+from dcdit.objective import TrainingObjective, draw_samples
 
 PRECISIONS = ("fp32", "bf16")
 REFERENCE_SUFFIX = " (diffusers)"
@@ -109,19 +109,21 @@ def build_case(name: str, precision: str, args: BenchSettings, *, reference: boo
     x = torch.randn(args.batch, config.in_channels, config.input_size, config.input_size, generator=gen)
     y = torch.randint(0, config.num_classes, (args.batch,), generator=gen)
     routed = family_of(config).routed
-    objective = TrainingObjective(create_diffusion(), routed=routed, downsample_factor=config.downsample_factor)
+    objective = TrainingObjective(create_diffusion(), routed=routed, downsample_factor=config.downsample_factor,
+                                  class_dropout_prob=config.class_dropout_prob, seed=args.seed + 1)
     kept_fraction = None
     if routed:
         fraction = (1.0 / config.downsample_factor if args.kept_fraction is None else args.kept_fraction)
-        # Calibrate on the very x_t and t the timed steps use (same seed below), so the kept set is known.
-        torch.manual_seed(args.seed + 1)
-        t = torch.randint(0, 1000, (args.batch,))
-        xt = objective.diffusion.q_sample(x, t, torch.randn_like(x))
-        calibrate_router(model, xt, t, y, fraction)
+        # Calibrate on the very x_t, t and dropped labels the timed steps use (the objective's draws at step 0), so
+        # the kept set is known.
+        draws = draw_samples(x, seed=objective.seed, step=0, first=0, num_timesteps=1000,
+                             class_dropout_prob=config.class_dropout_prob)
+        xt = objective.diffusion.q_sample(x, draws.t, draws.noise)
+        calibrate_router(model, xt, draws.t, torch.where(draws.drop, config.num_classes, y), fraction)
     optimizer = _adamw(model)
 
     def step() -> torch.Tensor:
-        torch.manual_seed(args.seed + 1)  # the same t, noise and class dropout every step: identical work
+        # Step 0 every time: the same t, noise and class dropout, so every timed step does identical work.
         with _autocast(precision):
             out = objective(model, x, y, step=0)
         optimizer.zero_grad(set_to_none=True)
@@ -136,7 +138,6 @@ def build_case(name: str, precision: str, args: BenchSettings, *, reference: boo
     if routed:
         kept_fraction = float(step.routing.kept.double().mean()) / config.num_tokens
     with flop_counter() as counter, torch.no_grad():
-        torch.manual_seed(args.seed + 1)
         with _autocast(precision):
             objective(model, x, y, step=0)
     label = name + (REFERENCE_SUFFIX if reference else "")

@@ -281,7 +281,7 @@ def _fit(run: OpenedRun, callbacks: Sequence[Any] = ()) -> dict | None:
 def run_local(plan: RunPlan, *, resume_from: str | None = None, echo: Callable[[str], None] | None = None) -> dict:
     """Run the worker loop in this process with one worker and the same checkpoint/tracking semantics (no Ray).
 
-    `num_workers` x `grad_accum` becomes 1 x their product, which trains the same thing (see `micro_seed`).
+    `num_workers` x `grad_accum` becomes 1 x their product, which trains the same thing (see `train_step`).
     `resume_from` (a checkpoint of the run, by path or directory name) hands the loop that checkpoint instead of
     the driver's pick, as Ray Train's restart after a failure may."""
     config = plan.config

@@ -1,12 +1,11 @@
-"""One optimizer step: the objective a worker trains, the learning-rate schedule, the per-micro-batch seeds that
-make the result independent of how the global batch is split into workers x accumulation micro-steps, the
-forward/backward/clip/step itself (`train_step`) and the EMA update that follows it.
+"""One optimizer step: the objective a worker trains, the learning-rate schedule, the forward/backward/clip/step
+itself (`train_step`, which tells the objective where each micro-batch sits in the global batch, so that the result
+does not depend on its split into workers x accumulation micro-steps) and the EMA update that follows it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 
 import torch
@@ -26,6 +25,7 @@ def build_objective(config: ExperimentConfig) -> TrainingObjective:
     """The diffusion loss, plus lambda x the ratio loss for a model with a router."""
     diffusion = create_diffusion(num_timesteps=config.diffusion.num_timesteps, learn_sigma=config.model.learn_sigma)
     return TrainingObjective(diffusion, routed=family_of(config.model).routed,
+                             class_dropout_prob=config.model.class_dropout_prob,
                              downsample_factor=config.model.downsample_factor, chunking=config.train.chunking,
                              seed=config.seed, learned_router=config.model.learned_router)
 
@@ -34,12 +34,6 @@ def lr_at(config: ExperimentConfig, step: int) -> float:
     """Learning rate of optimizer step `step` (1-based): linear warm-up, then constant (the paper's schedule)."""
     t = config.train
     return t.lr * min(1.0, step / t.warmup_steps) if t.warmup_steps else t.lr
-
-
-def micro_seed(seed: int, step: int, index: int) -> int:
-    """Seed of micro-batch `index` (its position in the global batch) of optimizer step `step`."""
-    digest = hashlib.blake2b(f"dcdit/{seed}/{step}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 @torch.no_grad()
@@ -65,7 +59,8 @@ def train_step(state: TrainState, objective: TrainingObjective, x: torch.Tensor,
                distiller: BlockDistiller | None = None) -> StepResult:
     """Forward/backward over `train.grad_accum` micro-batches of this rank's batch (DDP syncs on the last),
     statistics all-reduced, then, when loss and gradients are finite, clip and step at `lr_at(step)`. The caller
-    updates the EMA."""
+    updates the EMA. This rank's batch is samples [rank * B, (rank + 1) * B) of the step's global batch (the
+    reader's contiguous slices), and each sample's draws are keyed by its place there."""
     t = config.train
     lr = lr_at(config, step)
     for group in state.optimizer.param_groups:
@@ -78,10 +73,9 @@ def train_step(state: TrainState, objective: TrainingObjective, x: torch.Tensor,
     for m in range(t.grad_accum):
         xm, ym = x[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro]
         sync = m == t.grad_accum - 1 or not hasattr(model, "no_sync")
-        torch.manual_seed(micro_seed(config.seed, step, rank * t.grad_accum + m))
         with (contextlib.nullcontext() if sync else model.no_sync()):
             with runtime.autocast():
-                out = objective(model, xm, ym, step)
+                out = objective(model, xm, ym, step, first=rank * x.shape[0] + m * micro)
             loss = out.loss
             distill = None
             if distiller is not None:
