@@ -99,7 +99,8 @@ def test_controls_have_no_router_parameters_no_ratio_loss_and_still_tail_drop():
         assert list(model.router.parameters()) == []
         assert not model.config.learned_router
         objective = TrainingObjective(diffusion, routed=True, downsample_factor=4.0, learned_router=False,
-                                      class_dropout_prob=model.config.class_dropout_prob, chunking=ChunkingLossConfig(multi_budget=True, budget_warmup_steps=0))
+                                      class_dropout_prob=model.config.class_dropout_prob,
+                                      chunking=ChunkingLossConfig(multi_budget=True, budget_warmup_steps=0))
         x, _, y = batch(4)
         out = objective(model, x, y, step=3)
         assert out.ratio_loss is None and torch.equal(out.loss, out.diffusion_loss)
