@@ -101,6 +101,7 @@ def _bad_files(m: Made, features: np.ndarray) -> None:
     """The corpus files that are built from valid ones."""
     mu, sigma = features.mean(0), np.cov(features, rowvar=False)
     np.savez(m.path("no-sigma.npz"), mu=mu)
+    torch.save({"features.0.weight": torch.zeros(2, 3, 3, 3)}, m.path("small.pt"))
     np.savez(m.path("bad-meta.npz"), mu=mu, sigma=sigma, meta=np.array("{not json"))
     np.savez(m.path("nan.npz"), mu=np.where(np.arange(128) == 3, np.nan, mu), sigma=sigma)
     np.savez(m.path("sigma-shape.npz"), mu=mu, sigma=sigma[:5])
@@ -200,6 +201,55 @@ CASES = {
         lambda m: ["eval", m.path("optimizer-code"), "--no-tracking", *m.extractor()], "pickled code"),
     "checkpoint/not-a-checkpoint": (lambda m: ["eval", str(m.images), "--no-tracking", *m.extractor()],
                                     "no checkpoint"),
+    # weights of any extractor
+    "weights/vgg16-pickled-code-eval": (
+        lambda m: ["eval", str(m.checkpoint), "--no-tracking", "--extractor", "vgg16", "--weights", str(m.evil_pth)],
+        "evil.pth"),
+    "weights/inception-pickled-code": (lambda m: ["fid", str(m.images), str(m.images), "--extractor",
+                                                  "inception-v3-compat", "--weights", str(m.evil_pth)],
+                                       "pickled code"),
+    "weights/vgg16-wrong-shapes": (lambda m: ["fid", str(m.images), str(m.images), "--extractor", "vgg16",
+                                              "--weights", m.path("small.pt")], "does not hold the vgg16 weights"),
+    "weights/torchscript-extractor-with-weights": (
+        lambda m: ["fid", str(m.images), str(m.images), "--extractor", "clip-vit-b-32", "--weights",
+                   m.path("small.pt")], "cannot take --weights"),
+    "weights/classifier-not-safetensors": (
+        lambda m: ["fid", str(m.images), str(m.images), "--extractor", DOMAIN_EXTRACTOR, "--weights",
+                   m.path("not-npz.npz")], "not a saved domain classifier"),
+    # command-line arguments
+    "cli/fid-batch-size-zero": (lambda m: ["fid", str(m.images), str(m.images), *m.extractor(), "--batch-size", "0"],
+                                "--batch-size must be in [1, 4096]"),
+    "cli/eval-sample-steps-beyond-the-diffusion": (
+        lambda m: ["eval", str(m.checkpoint), "--no-tracking", *m.extractor(), "--sample-steps", "100000000"],
+        "--sample-steps=100000000 is more than 1000"),
+    "cli/eval-num-samples-absurd": (
+        lambda m: ["eval", str(m.checkpoint), "--no-tracking", *m.extractor(), "--num-samples", str(10**14)],
+        "--num-samples=100000000000000 is more than"),
+    "cli/eval-num-samples-negative": (lambda m: ["eval", str(m.checkpoint), "--num-samples", "-5"],
+                                      "--num-samples must be >= 2"),
+    "cli/eval-tail-drop-outside": (lambda m: ["eval", str(m.checkpoint), "--tail-drop", "1.5"], "[0, 1)"),
+    "cli/eval-unknown-metric": (lambda m: ["eval", str(m.checkpoint), "--metrics", "fid,foo"], "unknown metric"),
+    "cli/eval-sweep-not-numbers": (lambda m: ["eval", str(m.checkpoint), "--tail-drop-sweep", "a,b"],
+                                   "comma-separated numbers"),
+    "cli/train-override-without-value": (lambda m: ["train", "experiments/smoke.yaml", "-o", "nokey"],
+                                         "must look like section.key=value"),
+    "cli/train-override-unknown-key": (lambda m: ["train", "experiments/smoke.yaml", "-o", "model.nope=1"],
+                                       "unknown config key 'model.nope'"),
+    "cli/train-override-nan": (lambda m: ["train", "experiments/smoke.yaml", "-o", "train.lr=.nan",
+                                          "--storage", m.path("runs")], "must be finite"),
+    "cli/train-name-traversal": (lambda m: ["train", "experiments/smoke.yaml", "--name", "../etc"],
+                                 "is not a valid run name"),
+    "cli/resume-name-traversal": (lambda m: ["resume", "../../etc", "--storage", m.path("runs")],
+                                  "is not a valid run name"),
+    "cli/resume-unknown-run": (lambda m: ["resume", "nosuch", "--storage", m.path("runs")], "no run named nosuch"),
+    "cli/train-storage-scheme": (lambda m: ["train", "experiments/smoke.yaml", "--storage", "ftp://x/y"],
+                                 "unsupported scheme"),
+    "cli/train-tracking-file-store": (lambda m: ["train", "experiments/smoke.yaml", "--tracking-uri",
+                                                 "file:///tmp/x"], "file store is disabled"),
+    "cli/fid-unknown-extractor": (lambda m: ["fid", str(m.images), str(m.images), "--extractor", "incepton"],
+                                  "unknown feature extractor"),
+    "cli/fid-missing-input": (lambda m: ["fid", m.path("nowhere"), str(m.images), *m.extractor()], "nowhere"),
+    "cli/data-info-missing": (lambda m: ["data-info", m.path("nowhere")], "is not a dataset"),
     # prepared datasets
     "shards/path-traversal": (lambda m: ["data-info", m.path("datasets", "traversal"), "--verify"],
                               "../../outside/shard-00000.parquet"),

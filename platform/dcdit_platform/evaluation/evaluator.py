@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 
+from dcdit.errors import DCDiTError
 from dcdit.features import INCEPTION
 from dcdit.generate import SamplingPlan
 from dcdit_platform import console
@@ -42,6 +43,7 @@ def evaluate(cfg: EvalConfig, *, on_event: Callable[[dict], None] | None = None,
     ckpt = open_checkpoint(cfg.checkpoint)
     config = ckpt.config
     cfg.check_model(config.model)
+    _check_sizes(cfg, config.diffusion.num_timesteps)
     storage = open_storage(cfg.storage or ckpt.storage_root or config.storage.uri, config.storage.options() or None)
     geometry = generation_geometry(config)
     ref_spec, synthetic_params = evaluation_reference(cfg.reference, config)
@@ -83,6 +85,24 @@ def evaluate(cfg: EvalConfig, *, on_event: Callable[[dict], None] | None = None,
     summary["slug"] = slug
     publish(cfg, ckpt, storage, slug, summary, runs, echo=echo)
     return summary
+
+
+# Beyond these an evaluation is a typo, not a protocol (FID-50K samples 50000 images with 250 steps).
+MAX_SAMPLES, MAX_BATCH, MAX_WORKERS = 10_000_000, 65_536, 10_000
+
+
+def _check_sizes(cfg: EvalConfig, num_timesteps: int) -> None:
+    """Refuse sizes no evaluation needs, before Ray starts (they would run for days or exhaust memory)."""
+    for flag, value, high in (("--num-samples", cfg.num_samples, MAX_SAMPLES),
+                              ("--reference-samples", cfg.reference_samples, MAX_SAMPLES),
+                              ("--pr-reference-samples", cfg.pr_reference_samples, MAX_SAMPLES),
+                              ("--batch-size", cfg.batch_size, MAX_BATCH),
+                              ("--shard-size", cfg.shard_size, MAX_SAMPLES),
+                              ("--workers", cfg.workers or 1, MAX_WORKERS),
+                              ("--sample-steps", cfg.sample_steps, num_timesteps)):
+        if value > high:
+            raise DCDiTError(f"{flag}={value} is more than {high}" + (
+                ", the checkpoint's diffusion steps" if flag == "--sample-steps" else "") + "; lower it")
 
 
 def _actor_count(cfg: EvalConfig, echo: Callable[[str], None]) -> tuple[int, bool]:

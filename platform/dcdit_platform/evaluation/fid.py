@@ -80,6 +80,8 @@ def fid_between(input1: str, input2: str, *, extractor: str | None = None, weigh
     """FID (FD for other extractors; sFID when both sides have spatial statistics) between two inputs. Without
     `extractor`: Inception when its weights are here, else (offline) the default synthetic data's domain
     classifier, said on `echo`; the domain classifier without `weights` is that one, trained once and cached."""
+    if not 1 <= batch_size <= 4096:
+        raise DCDiTError(f"--batch-size must be in [1, 4096], got {batch_size}")
     if extractor is None:
         extractor, why = fid_default_extractor(weights)
         if why and echo:
