@@ -23,9 +23,11 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from dcdit.data.synthetic import render
-from dcdit.errors import DCDiTError
+from dcdit.errors import DCDiTError, shown
 from dcdit.features.extractor import DOMAIN_EXTRACTOR, FEATURES_VERSION, Extractor, file_sha256
+from dcdit.safeload import shape_mismatch
 
+_CONFIG_KEYS = {"num_classes", "image_size", "width", "feature_dim"}
 METADATA_KEY = "dcdit"  # the safetensors metadata key holding {format, config, meta}
 
 
@@ -88,14 +90,24 @@ class DomainClassifier(nn.Module):
         except Exception as err:  # safetensors' own error type for non-safetensors files
             raise DCDiTError(f"{path} is not a saved domain classifier ({' '.join(str(err).split())[:120]})") \
                 from None
-        if METADATA_KEY in metadata:
-            record = json.loads(metadata[METADATA_KEY])
-        else:  # files written before the metadata became one key
-            record = {k: json.loads(v) if k != "format" else v for k, v in metadata.items()}
-        if record.get("format") != DOMAIN_EXTRACTOR:
-            raise DCDiTError(f"{path} is not a saved {DOMAIN_EXTRACTOR} (metadata format "
-                             f"{record.get('format')!r})")
-        model = cls(**record["config"], meta=record.get("meta", {}))
+        try:
+            if METADATA_KEY in metadata:
+                record = json.loads(metadata[METADATA_KEY])
+            else:  # files written before the metadata became one key
+                record = {k: json.loads(v) if k != "format" else v for k, v in metadata.items()}
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or record.get("format") != DOMAIN_EXTRACTOR:
+            raise DCDiTError(f"{path} is not a saved {DOMAIN_EXTRACTOR} (its metadata does not say so)")
+        config = record.get("config")
+        # The architecture is built from the file's metadata: only a domain classifier's sizes, bounded.
+        if not isinstance(config, dict) or set(config) != _CONFIG_KEYS or not all(
+                type(v) is int and 1 <= v <= 4096 for v in config.values()):
+            raise DCDiTError(f"{path}: its recorded architecture {shown(config)} is not a domain classifier's")
+        model = cls(**config, meta=record.get("meta") if isinstance(record.get("meta"), dict) else {})
+        problem = shape_mismatch(state, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+        if problem:
+            raise DCDiTError(f"{path} does not hold the weights its metadata describes: {problem}")
         model.load_state_dict(state)
         model.meta["weights_sha256"] = file_sha256(path)
         return model.eval().requires_grad_(False)

@@ -102,6 +102,7 @@ def _bad_files(m: Made, features: np.ndarray) -> None:
     mu, sigma = features.mean(0), np.cov(features, rowvar=False)
     np.savez(m.path("no-sigma.npz"), mu=mu)
     torch.save({"features.0.weight": torch.zeros(2, 3, 3, 3)}, m.path("small.pt"))
+    _bad_classifiers(m)
     np.savez(m.path("bad-meta.npz"), mu=mu, sigma=sigma, meta=np.array("{not json"))
     np.savez(m.path("nan.npz"), mu=np.where(np.arange(128) == 3, np.nan, mu), sigma=sigma)
     np.savez(m.path("sigma-shape.npz"), mu=mu, sigma=sigma[:5])
@@ -128,6 +129,21 @@ def _bad_files(m: Made, features: np.ndarray) -> None:
     (pickled / "MANIFEST.json").write_text(json.dumps(manifest))
     remanifest(pickled)
     _bad_datasets(m)
+
+
+def _bad_classifiers(m: Made) -> None:
+    """Domain classifier files (safetensors) whose metadata or tensors do not describe one."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(m.classifier), framework="pt") as f:
+        record = json.loads(f.metadata()["dcdit"])
+    state = load_file(str(m.classifier))
+    save_file(state, m.path("clf-bad-meta.safetensors"), metadata={"dcdit": "{not json"})
+    huge = {**record, "config": {**record["config"], "feature_dim": 10**9}}
+    save_file(state, m.path("clf-huge.safetensors"), metadata={"dcdit": json.dumps(huge)})
+    narrow = {**record, "config": {**record["config"], "feature_dim": 64}}
+    save_file(state, m.path("clf-shapes.safetensors"), metadata={"dcdit": json.dumps(narrow)})
 
 
 def _bad_datasets(m: Made) -> None:
@@ -216,6 +232,15 @@ CASES = {
     "weights/classifier-not-safetensors": (
         lambda m: ["fid", str(m.images), str(m.images), "--extractor", DOMAIN_EXTRACTOR, "--weights",
                    m.path("not-npz.npz")], "not a saved domain classifier"),
+    "weights/classifier-metadata-not-json": (
+        lambda m: ["fid", str(m.images), str(m.images), "--extractor", DOMAIN_EXTRACTOR, "--weights",
+                   m.path("clf-bad-meta.safetensors")], "its metadata does not say so"),
+    "weights/classifier-architecture-absurd": (
+        lambda m: ["fid", str(m.images), str(m.images), "--extractor", DOMAIN_EXTRACTOR, "--weights",
+                   m.path("clf-huge.safetensors")], "is not a domain classifier's"),
+    "weights/classifier-wrong-shapes": (
+        lambda m: ["fid", str(m.images), str(m.images), "--extractor", DOMAIN_EXTRACTOR, "--weights",
+                   m.path("clf-shapes.safetensors")], "does not hold the weights its metadata describes"),
     # command-line arguments
     "cli/fid-batch-size-zero": (lambda m: ["fid", str(m.images), str(m.images), *m.extractor(), "--batch-size", "0"],
                                 "--batch-size must be in [1, 4096]"),
