@@ -8,6 +8,7 @@ public DiT checkpoints (DiT-XL-2-256x256.pt), which therefore load without renam
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -124,10 +125,22 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, packing: Packing) -> torch.Tensor:
-        # The modulation is computed once per sample and then repeated for that sample's tokens.
-        mod = packing.per_token(self.adaLN_modulation(c))
+        mod = self.adaLN_modulation(c)  # once per sample
+        if packing.is_uniform and packing.batch_size > 0:
+            # Equal lengths (every DiT batch): each sample's modulation broadcasts over its (n, d) tokens instead of
+            # being copied to every token, which made autograd keep a (T, 6d) modulation and two (T, d) factors
+            # 1 + scale in every block. Every element is computed as with the copy (tests/dcdit/test_restructured).
+            tokens = x.view(packing.batch_size, -1, x.shape[-1])
+            out = self._modulated(tokens, mod[:, None],
+                                  lambda h: self.attn(h.reshape(x.shape), packing).view(tokens.shape))
+            return out.view(x.shape)
+        return self._modulated(x, packing.per_token(mod), lambda h: self.attn(h, packing))
+
+    def _modulated(self, x: torch.Tensor, mod: torch.Tensor,
+                   attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The block on tokens x with a modulation that broadcasts against them; `attend` maps like-x to like-x."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), packing)
+        x = x + gate_msa * attend(modulate(self.norm1(x), shift_msa, scale_msa))
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
