@@ -14,14 +14,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
-from dcdit.checkpoint import load_checkpoint
+from dcdit.checkpoint import load_checkpoint, save_checkpoint
 from dcdit_platform.config import build_config
 from dcdit_platform.raycluster import free_port
 from dcdit_platform.storage import open_storage
 from dcdit_platform.tracking import Tracker
 from dcdit_platform.training import RunFailed, plan_run, run_local
-from dcdit_platform.training.upload import staging_root
+from dcdit_platform.training.upload import LeaseLost, staging_root, upload_checkpoint, write_lease
 from helpers.services import MlflowProcess
 from helpers.training import load_weights, max_abs_diff, steps_logged, tiny_config
 
@@ -203,3 +204,17 @@ def test_a_run_folder_read_only_for_too_long_stops_the_run_whole_and_resume_uplo
     assert_reference(Path(resumed["checkpoint"]), resumed, reference_run,
                      Tracker(f"sqlite:///{tmp_path}/runs/mlflow.db"))
     assert not staged.parent.exists()
+
+
+def test_workers_of_a_replaced_driver_write_nothing(tmp_path):
+    """A second start of the run takes the lease: an upload carrying the first start's token writes no file."""
+    run = open_storage(str(tmp_path / "runs")).child("leased")
+    first = write_lease(run)
+    staged = save_checkpoint(tmp_path / "staged" / "checkpoint_00000004", model_state={"w": torch.ones(2)},
+                             state={"step": 4})
+    upload_checkpoint(staged, run, "checkpoint_00000004", lease=first, timeout_s=0)
+    assert run.exists("checkpoint_00000004/MANIFEST.json")
+    write_lease(run)  # another driver starts the run
+    with pytest.raises(LeaseLost, match="started again by another driver"):
+        upload_checkpoint(staged, run, "checkpoint_00000008", lease=first, timeout_s=0)
+    assert not run.exists("checkpoint_00000008")
