@@ -108,8 +108,8 @@ def test_shard_files_must_be_plain_names_inside_the_dataset(pixels, tmp_path, na
         open_dataset(root).verify()
 
 
-@pytest.mark.parametrize("field, value, says", [("shape", [65536, 65536, 3], "shape"), ("num_classes", 0, "num_classes"),
-                                                ("mask_shape", [0, 4], "mask_shape")])
+@pytest.mark.parametrize("field, value, says", [("shape", [65536, 65536, 3], "shape"),
+                                                ("num_classes", 0, "num_classes"), ("mask_shape", [0, 4], "mask_shape")])
 def test_sizes_outside_their_bounds_are_refused(pixels, field, value, says):
     _, root = pixels
     path = f"{root}/{MANIFEST_NAME}"

@@ -82,7 +82,21 @@ class _Storage:
             yield tmp
 
 
-class RaySession:
+class _WritesCheckpoints:
+    """What both sessions share: the run folder on storage and this machine's staging folder of the run."""
+
+    _storage: _Storage
+
+    @property
+    def staging(self) -> Path:
+        return self._storage.staging
+
+    @property
+    def run_storage(self):
+        return self._storage.run
+
+
+class RaySession(_WritesCheckpoints):
     """The worker's view of Ray Train."""
 
     def __init__(self, payload: WorkerPayload, upload_timeout_s: float):
@@ -149,14 +163,6 @@ class RaySession:
         self._pinged = time.monotonic()
         return True
 
-    @property
-    def staging(self) -> Path:
-        return self._storage.staging
-
-    @property
-    def run_storage(self):
-        return self._storage.run
-
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -168,7 +174,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class LocalSession:
+class LocalSession(_WritesCheckpoints):
     """One in-process worker with Ray Train's checkpoint semantics (tests, debugging): checkpoints are uploaded to
     the run folder the same way, the newest `keep` kept."""
 
@@ -210,14 +216,6 @@ class LocalSession:
 
     def stop_if_orphaned(self) -> None:
         """One process: the driver is this process."""
-
-    @property
-    def staging(self) -> Path:
-        return self._storage.staging
-
-    @property
-    def run_storage(self):
-        return self._storage.run
 
 
 __all__ = ["Session", "RaySession", "LocalSession"]
