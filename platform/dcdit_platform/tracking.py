@@ -129,6 +129,8 @@ class Tracker:
         # MLflow's own HTTP retries would hide how long we wait; this loop owns the back-off instead.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+        # Reports download a few small artifacts per run: MLflow's progress bars would bury the command's own lines.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         _, _, password = split_credentials(uri)
         register_secret(password)
         self.uri = uri
