@@ -61,8 +61,13 @@ class DiffusersDiT(nn.Module):
             in_channels=config.in_channels, out_channels=config.out_channels, num_layers=config.depth,
             patch_size=config.patch_size, sample_size=config.input_size, num_embeds_ada_norm=config.num_classes,
             norm_type="ada_norm_zero", activation_fn="gelu-approximate")
+        self.null_class = config.num_classes
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # The objective draws class dropout itself; diffusers' label table has the null class at index num_classes.
+        if force_drop_ids is not None:
+            y = torch.where(force_drop_ids == 1, self.null_class, y)
         return self.inner(x, timestep=t, class_labels=y).sample
 
 
@@ -78,6 +83,8 @@ class Case:
     flops_per_step: float = 0.0
     forward_flops: float = 0.0
     kept_fraction: float | None = None
+    forward_loss: Callable[[], torch.Tensor] | None = None  # the step's forward pass (for the profiler)
+    optimizer: torch.optim.Optimizer | None = None
     times: list[float] = field(default_factory=list)
     cpu_times: list[float] = field(default_factory=list)
 
@@ -122,15 +129,19 @@ def build_case(name: str, precision: str, args: BenchSettings, *, reference: boo
         calibrate_router(model, xt, draws.t, torch.where(draws.drop, config.num_classes, y), fraction)
     optimizer = _adamw(model)
 
-    def step() -> torch.Tensor:
+    def forward_loss() -> torch.Tensor:
         # Step 0 every time: the same t, noise and class dropout, so every timed step does identical work.
         with _autocast(precision):
             out = objective(model, x, y, step=0)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
         step.routing = out.routing
         return out.loss
+
+    def step() -> torch.Tensor:
+        loss = forward_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
 
     with flop_counter() as counter:
         step()
@@ -142,7 +153,7 @@ def build_case(name: str, precision: str, args: BenchSettings, *, reference: boo
             objective(model, x, y, step=0)
     label = name + (REFERENCE_SUFFIX if reference else "")
     return Case(label, precision, model, step, sum(p.numel() for p in model.parameters()), flops,
-                counter.get_total_flops(), kept_fraction)
+                counter.get_total_flops(), kept_fraction, forward_loss=forward_loss, optimizer=optimizer)
 
 
 def matmul_rate(dtype: torch.dtype, size: int = 2048, calls: int = 4) -> tuple[float, float]:

@@ -98,5 +98,10 @@ def test_a_task_error_stops_the_run_with_its_message(ray_cluster):
 def test_the_actors_are_gone_after_the_with_block(ray_cluster):
     with ActorPool(1, make_worker(ray_cluster)) as pool:
         actor = pool.actors[0]
+    # ray.kill is asynchronous: a call sent before the kill reaches the actor may still run, so ask until it is
+    # refused (an actor that was never killed answers every time and fails the test after the deadline).
+    deadline = time.monotonic() + 60
     with pytest.raises(ray_cluster.exceptions.RayActorError):
-        ray_cluster.get(actor.pid.remote(), timeout=60)
+        while time.monotonic() < deadline:
+            ray_cluster.get(actor.pid.remote(), timeout=60)
+            time.sleep(0.2)

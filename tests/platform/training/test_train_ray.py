@@ -45,6 +45,11 @@ def _cli(args: list[str], out: dict) -> None:
     out["summary"] = json.loads(lines[-1]) if lines and out.get("rc") == 0 else None
 
 
+def _tail(out: dict) -> str:
+    """The end of a command's output, whole: pytest shortens a dict's repr in the middle, where the cause is."""
+    return f"rc={out.get('rc')}\n" + str(out.get("output", ""))[-6000:]
+
+
 def _registered(storage, checkpoint: str) -> bool:
     """Whether Ray Train's checkpoint manager has recorded `checkpoint` in its snapshot."""
     try:
@@ -101,12 +106,12 @@ def ray_run(ray_cluster, s3_server, mlflow_server, tmp_path_factory):
             elif _registered(storage, "checkpoint_00000002"):
                 break
             time.sleep(0.02)
-        assert len(pids) == 2 and thread.is_alive(), first
+        assert len(pids) == 2 and thread.is_alive(), _tail(first)
         # Ray Train has registered the first checkpoint (its controller polls the workers every 0.5 s here; a
         # frozen worker could not be polled, so the kill comes without warning, mid-run).
         os.kill(pids[0], signal.SIGKILL)
         thread.join(timeout=600)
-        assert not thread.is_alive() and first.get("rc") == 0, first
+        assert not thread.is_alive() and first.get("rc") == 0, _tail(first)
         tracker = Tracker(mlflow_server.uri)
         run_id = first["summary"]["mlflow_run_id"]
         yield {"first": first, "common": common, "storage": storage, "run_uri": f"{run_uri}/on-s3",
