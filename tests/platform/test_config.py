@@ -71,6 +71,27 @@ def test_bad_values_are_rejected(section, values, message):
     assert message in str(err.value)
 
 
+def test_num_workers_may_be_an_elastic_range_that_every_count_can_split():
+    fixed = build_config(tiny_config(resources={"num_workers": 2}))
+    assert fixed.resources.ray_workers() == 2 and list(fixed.resources.worker_counts) == [2]
+    elastic = build_config(tiny_config(resources={"num_workers": [1, 2]}))
+    assert elastic.resources.ray_workers() == (1, 2) and list(elastic.resources.worker_counts) == [1, 2]
+    assert elastic.micro_batch == 8  # the largest micro-batch, with the fewest workers (for the memory estimate)
+    assert build_config(elastic.to_dict()) == elastic and elastic.warnings() == []
+    for bad, message in (([2, 1], "a count or a range [min, max] with min <= max"),
+                         ([1, 2, 4], "a count or a range [min, max]"), ([0, 2], "must be in [1, 10000]"),
+                         # 3 workers cannot split a global batch of 8, and an elastic run may get 3
+                         ([2, 4], "(every count of the range [2, 4]) x train.grad_accum = 3 x 1 = 3")):
+        with pytest.raises(DCDiTError) as err:
+            build_config(tiny_config(resources={"num_workers": bad}))
+        assert message in str(err.value)
+    # With 4 workers of 24 samples, micro-batches of 6 split ratio groups of 4: the result would depend on the count.
+    uneven = build_config(tiny_config(resources={"num_workers": [2, 4]}, train={"global_batch": 24}))
+    assert uneven.warnings() == ["train.chunking.ratio_group_size=4 does not divide the micro-batch with 4 "
+                                 "worker(s) (6 samples), so the ratio loss and the result depend on the worker "
+                                 "count; choose a group size that divides the micro-batch at every count"]
+
+
 def test_upcycling_needs_a_dcdit_and_warns_about_options_without_effect():
     with pytest.raises(DCDiTError, match="upcycles a DiT into a DC-DiT"):
         build_config(tiny_config(model={"arch": "dit", "patch_size": 2}, train={"init_from": "/x.pt"}))

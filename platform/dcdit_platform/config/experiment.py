@@ -43,8 +43,8 @@ class ExperimentConfig:
     # --- derived -------------------------------------------------------------------------------------------
     @property
     def micro_batch(self) -> int:
-        """Samples per forward/backward on one worker."""
-        return self.train.global_batch // (self.resources.num_workers * self.train.grad_accum)
+        """Samples per forward/backward on one worker (the largest, with the fewest workers of an elastic range)."""
+        return self.train.global_batch // (self.resources.min_workers * self.train.grad_accum)
 
     @property
     def data_seed(self) -> int:
@@ -82,10 +82,12 @@ class ExperimentConfig:
     # --- checks ------------------------------------------------------------------------------------------
     def validate(self) -> None:
         t, r, m, d = self.train, self.resources, self.model, self.data
-        per_step = r.num_workers * t.grad_accum
-        if t.global_batch % per_step:
-            raise DCDiTError(f"train.global_batch={t.global_batch} must be divisible by resources.num_workers x "
-                             f"train.grad_accum = {r.num_workers} x {t.grad_accum} = {per_step}")
+        for workers in r.worker_counts:
+            per_step = workers * t.grad_accum
+            if t.global_batch % per_step:
+                within = f" (every count of the range {list(r.num_workers)})" if workers != r.num_workers else ""
+                raise DCDiTError(f"train.global_batch={t.global_batch} must be divisible by resources.num_workers"
+                                 f"{within} x train.grad_accum = {workers} x {t.grad_accum} = {per_step}")
         _require(0 <= self.seed <= MAX_SEED, "seed", self.seed, f"must be in [0, {MAX_SEED}]")
         if self.name is not None:
             check_run_name(self.name, "name")
@@ -122,7 +124,21 @@ class ExperimentConfig:
             out.append("data.image_size/num_classes/num_samples apply to the synthetic source only")
         if not self.resources.use_gpu and self.resources.gpus_per_worker != 1.0:
             out.append("resources.gpus_per_worker has no effect without resources.use_gpu")
+        out += self._split_warnings()
         return out
+
+    def _split_warnings(self) -> list[str]:
+        """An elastic run trains the same weights with any worker count only if every micro-batch holds whole
+        ratio-loss groups (the loss of a group needs all of its samples in one forward pass)."""
+        r, t, group = self.resources, self.train, self.train.chunking.ratio_group_size
+        if r.min_workers == r.max_workers or not (family_of(self.model).routed and self.model.learned_router):
+            return []
+        odd = [w for w in r.worker_counts if (t.global_batch // (w * t.grad_accum)) % group]
+        if not odd:
+            return []
+        return [f"train.chunking.ratio_group_size={group} does not divide the micro-batch with {odd[0]} worker(s) "
+                f"({t.global_batch // (odd[0] * t.grad_accum)} samples), so the ratio loss and the result depend on "
+                "the worker count; choose a group size that divides the micro-batch at every count"]
 
 
 # Keys that may change between a run and its resumption: how long, how it is checkpointed, logged, placed,

@@ -147,16 +147,41 @@ class LoggingSection:
 
 @dataclass(frozen=True, kw_only=True)
 class ResourcesSection:
-    """Ray Train workers (one DDP rank each) and what each one reserves."""
+    """Ray Train workers (one DDP rank each) and what each one reserves. `num_workers: [min, max]` is elastic: Ray
+    Train starts with as many as it can get (at least min), restarts the group from the latest checkpoint when
+    workers are lost or more become available, and training ends with the same weights up to float summation
+    order (README, "Reproducibility")."""
 
-    num_workers: int = 1
+    num_workers: int | tuple[int, ...] = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # with use_gpu
     torch_threads: int | None = None  # CPU intra-op threads per worker; None = cpus_per_worker (at least 1)
 
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[-1]
+
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count the run may train with."""
+        return range(self.min_workers, self.max_workers + 1)
+
+    def ray_workers(self) -> int | tuple[int, int]:
+        """ScalingConfig(num_workers=...): a fixed count, or (min, max) for Ray Train's elastic scaling."""
+        return self.min_workers if self.min_workers == self.max_workers else (self.min_workers, self.max_workers)
+
     def validate(self) -> None:
-        _within("resources.num_workers", self.num_workers, 1, 10_000)
+        if not isinstance(self.num_workers, int):
+            _require(len(self.num_workers) == 2 and self.num_workers[0] <= self.num_workers[1],
+                     "resources.num_workers", list(self.num_workers),
+                     "must be a count or a range [min, max] with min <= max")
+        _within("resources.num_workers", self.min_workers, 1, 10_000)
+        _within("resources.num_workers", self.max_workers, 1, 10_000)
         _require(0 < self.cpus_per_worker <= 1024, "resources.cpus_per_worker", self.cpus_per_worker,
                  "must be in (0, 1024]")
         _require(0 < self.gpus_per_worker <= 64, "resources.gpus_per_worker", self.gpus_per_worker,

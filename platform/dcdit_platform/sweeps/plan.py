@@ -84,6 +84,9 @@ def load_sweep(path: str | os.PathLike, *, name: str | None = None, overrides: S
     warnings = _build_trial_configs(trials, sweep_name, root.join(sweep_name), resolved_tracking)
     base = trials[0].config
     res = base.resources
+    if res.min_workers != res.max_workers:
+        raise DCDiTError(f"a sweep's trials need a fixed resources.num_workers (Tune packs trials by their size), "
+                         f"got the range {list(res.num_workers)}; set one count")
     footprint = TrialFootprint(num_workers=res.num_workers, cpus_per_worker=res.cpus_per_worker,
                                gpus_per_worker=res.gpus_per_worker if res.use_gpu else 0.0,
                                trial_cpus=float(spec.resources.get("trial_cpus", TRIAL_CPUS)))

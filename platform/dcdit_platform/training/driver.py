@@ -210,15 +210,15 @@ def _check_local_resources(config: ExperimentConfig, address: str | None) -> Non
         return
     res = config.resources
     cpus = os.cpu_count() or 1
-    need = res.num_workers * res.cpus_per_worker
+    need = res.min_workers * res.cpus_per_worker  # an elastic run starts with its minimum when that is what fits
     if need > cpus:
-        raise DCDiTError(f"{res.num_workers} workers x {res.cpus_per_worker:g} CPUs need {need:g} CPUs but this "
+        raise DCDiTError(f"{res.min_workers} workers x {res.cpus_per_worker:g} CPUs need {need:g} CPUs but this "
                          f"machine has {cpus}; lower resources.num_workers or resources.cpus_per_worker, or "
                          "pass --address of a larger cluster")
     if res.use_gpu:
         gpus = torch.cuda.device_count()
-        if res.num_workers * res.gpus_per_worker > gpus:
-            raise DCDiTError(f"{res.num_workers} workers x {res.gpus_per_worker:g} GPUs need more GPUs than the "
+        if res.min_workers * res.gpus_per_worker > gpus:
+            raise DCDiTError(f"{res.min_workers} workers x {res.gpus_per_worker:g} GPUs need more GPUs than the "
                              f"{gpus} this machine has; lower resources.num_workers or pass --address")
     _check_memory(config)
 
@@ -232,7 +232,7 @@ def _check_memory(config: ExperimentConfig) -> None:
         have = min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
         where, total = "GPU memory per worker", need.total
     else:
-        have, where, total = machine_memory(), f"memory for {res.num_workers} worker(s)", need.total * res.num_workers
+        have, where, total = machine_memory(), f"memory for {res.min_workers} worker(s)", need.total * res.min_workers
     if have is None or total <= have:
         return
     raise DCDiTError(f"the model needs about {gib(total)} of {where} but this machine has {gib(have)} "
@@ -259,7 +259,7 @@ def _fit(run: OpenedRun, callbacks: Sequence[Any] = ()) -> dict | None:
     trainer = TorchTrainer(
         train_worker, train_loop_config={"payload": payload},
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=res.ray_workers(), use_gpu=res.use_gpu,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=plan.name, storage_path=storage.root, storage_filesystem=storage_fs,
@@ -281,14 +281,16 @@ def _fit(run: OpenedRun, callbacks: Sequence[Any] = ()) -> dict | None:
 def run_local(plan: RunPlan, *, resume_from: str | None = None, echo: Callable[[str], None] | None = None) -> dict:
     """Run the worker loop in this process with one worker and the same checkpoint/tracking semantics (no Ray).
 
-    `num_workers` x `grad_accum` becomes 1 x their product, which trains the same thing (see `train_step`).
+    `num_workers` x `grad_accum` (the largest count of an elastic range) becomes 1 x their product, which trains
+    the same thing (see `train_step`).
     `resume_from` (a checkpoint of the run, by path or directory name) hands the loop that checkpoint instead of
     the driver's pick, as Ray Train's restart after a failure may."""
     config = plan.config
+    workers = config.resources.max_workers
     if config.resources.num_workers != 1:
         plan = dataclasses.replace(plan, config=config.replace(
             resources=dataclasses.replace(config.resources, num_workers=1),
-            train=dataclasses.replace(config.train, grad_accum=config.train.grad_accum * config.resources.num_workers)))
+            train=dataclasses.replace(config.train, grad_accum=config.train.grad_accum * workers)))
         config = plan.config
     run = open_run(plan, echo or console.echo("train"))
     if run.done is not None:
