@@ -23,6 +23,8 @@ from dcdit_platform.reports import build_report
 from dcdit_platform.sweeps import eval_protocol, load_sweep, run_sweep
 
 SWEEP_FILE = "sweep.yaml"  # {out}/sweep.yaml: the sweep this quickstart ran (the packaged one plus the knobs)
+DEFAULT_OUT = "dcdit-quickstart"  # --out
+STORAGE_DIR = "runs"  # {out}/runs: the sweep's storage root (checkpoints, caches, records)
 
 
 def default_config() -> Path:
@@ -102,9 +104,9 @@ def run_quickstart(out: str | os.PathLike | None = None, *, config: str | os.Pat
     """Run the quickstart into `out` and return its summary (report paths, MLflow ids, one entry per run)."""
     echo = echo or console.echo("quickstart")
     started = time.perf_counter()
-    out_dir = Path(out or "dcdit-quickstart").expanduser().resolve()
+    out_dir = Path(out or DEFAULT_OUT).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    storage = out_dir / "runs"
+    storage = out_dir / STORAGE_DIR
     tracking_uri = f"sqlite:///{out_dir.as_posix()}/mlflow.db"
     sweep_file = write_sweep_file(out_dir, Path(config).expanduser().resolve() if config else default_config(),
                                   steps=steps, eval_samples=eval_samples)
@@ -138,6 +140,7 @@ def run_quickstart(out: str | os.PathLike | None = None, *, config: str | os.Pat
         runs.append(run)
     db = out_dir / "mlflow.db"
     return {"report_html": report["report_html"], "report_md": report["report_md"], "report_csv": report["report_csv"],
+            "figures": str(Path(report["out_dir"]) / "figures"), "checkpoints": plan.sweep_storage.uri,
             "mlflow_run_id": summary["mlflow_run_id"], "tracking_uri": tracking_uri, "experiment": plan.experiment,
             "sweep": plan.name, "out": str(out_dir), "sweep_file": str(sweep_file),
             "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{db.as_posix()}",
@@ -150,9 +153,12 @@ def format_summary(summary: dict) -> str:
     quality = "fid" if any("fid" in r for r in summary["runs"]) else "fd"
     lines = [f"quickstart finished in {minutes}m{seconds:02d}s: sweep {summary['sweep']} "
              f"(MLflow parent run {summary['mlflow_run_id']})", "",
-             f"  report:   {summary['report_html']}", f"  markdown: {summary['report_md']}",
-             f"  csv:      {summary['report_csv']}", f"  MLflow:   {summary['mlflow_ui']}",
-             "            then open http://127.0.0.1:5000 (experiment " f"{summary['experiment']})", ""]
+             f"  report:      {summary['report_html']}", f"  markdown:    {summary['report_md']}",
+             f"  csv:         {summary['report_csv']}",
+             f"  figures:     {summary['figures']}/ (boundary maps per run, Pareto, kept fraction)",
+             f"  checkpoints: {summary['checkpoints']}/RUN/ (`dcdit eval` takes them)",
+             f"  MLflow:      {summary['mlflow_ui']}",
+             f"               then open http://127.0.0.1:5000 (experiment {summary['experiment']})", ""]
     header = ("run", "arch", "N", "lambda", "GFLOPs/image", quality.upper(), "detail AUC")
     rows = [header] + [(r["name"], r["arch"] or "-", _f(r.get("N")), _f(r.get("lambda")), _f(r.get("gflops")),
                         _f(r.get(quality)), _f(r.get("detail_auc"))) for r in summary["runs"]]
@@ -162,6 +168,9 @@ def format_summary(summary: dict) -> str:
         items = summary["findings"].get(key, [])
         if items:
             lines += ["", *(f"  - {line}" for line in items)]
+    short = [line for line in summary["findings"].get("caveats", []) if line.startswith("Too short")]
+    if short:
+        lines += ["", *(f"  - {line}" for line in short)]
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ and the clean-up, on the next start, of what a killed or failed run left in stag
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -131,6 +132,8 @@ def prune_staging(root: Path, step: int) -> None:
             path.unlink(missing_ok=True)
     if not keep:
         shutil.rmtree(root, ignore_errors=True)
+        with contextlib.suppress(OSError):  # {tmp}/dcdit-staging itself, once no run stages there
+            root.parent.rmdir()
 
 
 __all__ = ["LEASE", "LeaseLost", "staging_root", "write_lease", "check_lease", "upload_checkpoint",
