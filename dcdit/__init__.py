@@ -5,6 +5,7 @@ This package never imports Ray, MLflow, s3fs or the platform; `dcdit_platform` b
 
 from dcdit.config import PRESETS, ModelConfig, preset
 from dcdit.errors import DCDiTError
+from dcdit.export import from_pretrained
 from dcdit.models import DCDiT, DiT, build_model, create_model
 from dcdit.pretrained import load_dit
 from dcdit.upcycle import upcycle
@@ -12,4 +13,4 @@ from dcdit.upcycle import upcycle
 __version__ = "0.1.0"
 
 __all__ = ["PRESETS", "ModelConfig", "preset", "DCDiTError", "DCDiT", "DiT", "build_model", "create_model",
-           "load_dit", "upcycle"]
+           "load_dit", "upcycle", "from_pretrained"]

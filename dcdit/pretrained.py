@@ -193,6 +193,35 @@ def diffusers_to_dit_state_dict(state: dict[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
+def dit_to_diffusers_state_dict(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """The inverse of `diffusers_to_dit_state_dict`: official DiT names -> DiTTransformer2DModel names, qkv split
+    into to_q/to_k/to_v and the one timestep/class embedder copied into each of the `depth` blocks. pos_embed is
+    dropped: diffusers computes the same fixed sin-cos table itself."""
+    out: dict[str, torch.Tensor] = {}
+    renames = {f"{dst}.": f"{src}." for src, dst in _DIFFUSERS_TOP.items()}
+    for i in range(depth):
+        renames.update({f"blocks.{i}.{dst}.": f"transformer_blocks.{i}.{src}."
+                        for src, dst in _DIFFUSERS_BLOCK.items()})
+    for key, value in state.items():
+        if key == "pos_embed":
+            continue
+        if m := re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", key):
+            for part, tensor in zip("qkv", value.chunk(3, 0)):
+                out[f"transformer_blocks.{m.group(1)}.attn1.to_{part}.{m.group(2)}"] = tensor.clone()
+            continue
+        embedder = next((src for src, dst in _DIFFUSERS_EMBEDDERS.items() if key.startswith(f"{dst}.")), None)
+        if embedder is not None:
+            kind = key.rsplit(".", 1)[1]
+            for i in range(depth):
+                out[f"transformer_blocks.{i}.norm1.emb.{embedder}.{kind}"] = value.clone()
+            continue
+        prefix = next((p for p in renames if key.startswith(p)), None)
+        if prefix is None:
+            raise DCDiTError(f"DiT weights hold {key!r}, which has no place in a DiTTransformer2DModel")
+        out[renames[prefix] + key[len(prefix):]] = value
+    return out
+
+
 # --- reading files ---------------------------------------------------------------------------------------------------
 
 def _read_weights_file(path: Path, map_location) -> dict[str, torch.Tensor]:
