@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import getpass
 import io
 import math
 import os
@@ -45,13 +46,28 @@ def default_tracking_uri(storage_uri: str, *, create: bool = True) -> str:
     readers such as `dcdit report` leave nothing behind); S3 storage needs a server (DCDiTError)."""
     if storage_uri.startswith("s3://"):
         raise DCDiTError(f"storage {storage_uri} is on S3, so the run needs an MLflow tracking server: pass "
-                         "--tracking-uri http://HOST:PORT (or set tracking.uri)")
+                         "--tracking-uri http://HOST:PORT (or set tracking.uri or MLFLOW_TRACKING_URI)")
     path = storage_uri[len("file://"):] if storage_uri.startswith("file://") else storage_uri
     root = Path(path).expanduser().resolve()
     if create:
         root.mkdir(parents=True, exist_ok=True)
     # An absolute path: MLflow's default ./mlflow.db is relative, and Ray Train changes workers' directories.
     return f"sqlite:///{root.as_posix()}/mlflow.db"
+
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+
+
+def resolve_tracking_uri(explicit: str | None, storage_uri: str, *, create: bool = True) -> str:
+    """The tracking URI of a command, by one rule for all of them: the explicit one (--tracking-uri, or the
+    experiment's tracking.uri, which the flag overrides), else $MLFLOW_TRACKING_URI as MLflow's own clients read it,
+    else the SQLite store in the storage (`default_tracking_uri`). `dcdit quickstart` and `dcdit study` pass their
+    own store explicitly: their results stay self-contained whatever the environment says."""
+    if explicit:
+        return explicit
+    if os.environ.get(TRACKING_ENV, "").strip():
+        return os.environ[TRACKING_ENV].strip()
+    return default_tracking_uri(storage_uri, create=create)
 
 
 def local_artifact_root(tracking_uri: str) -> str | None:
@@ -66,8 +82,10 @@ def local_artifact_root(tracking_uri: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def code_tags() -> dict[str, str]:
-    """Code version, git commit (and whether the tree is dirty) and host, for every run."""
-    tags = {"dcdit.version": getattr(dcdit, "__version__", "unknown"), "dcdit.host": socket.gethostname()}
+    """Code version, git commit (and whether the tree is dirty), host, user and source (MLflow's own tags, which
+    its low-level client leaves unset: the UI's User and Source columns), for every run."""
+    tags = {"dcdit.version": getattr(dcdit, "__version__", "unknown"), "dcdit.host": socket.gethostname(),
+            "mlflow.user": _user(), "mlflow.source.name": _source_name(), "mlflow.source.type": "LOCAL"}
     repo = Path(dcdit.__file__).resolve().parent.parent
 
     def git(*args: str) -> str | None:
@@ -84,6 +102,21 @@ def code_tags() -> dict[str, str]:
     else:
         tags["dcdit.git_commit"] = "unknown"
     return tags
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+        return "unknown"
+
+
+def _source_name() -> str:
+    """`dcdit train` for the CLI (its sub-command named), else the script that started the process."""
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if program == "dcdit" and len(sys.argv) > 1:
+        return f"dcdit {sys.argv[1]}"
+    return program
 
 
 # --- the client ----------------------------------------------------------------------------------------------------
@@ -351,5 +384,5 @@ def flat_params(config: dict[str, Any]) -> dict[str, Any]:
     return {k: _param_value(k, v) for k, v in flatten(config).items()}
 
 
-__all__ = ["Tracker", "TrackingUnavailable", "default_tracking_uri", "local_artifact_root", "code_tags",
-           "flat_params", "RUN_NAME_TAG", "PARENT_TAG", "PROGRESS_METRIC"]
+__all__ = ["Tracker", "TrackingUnavailable", "default_tracking_uri", "resolve_tracking_uri", "TRACKING_ENV",
+           "local_artifact_root", "code_tags", "flat_params", "RUN_NAME_TAG", "PARENT_TAG", "PROGRESS_METRIC"]

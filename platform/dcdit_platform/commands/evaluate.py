@@ -62,7 +62,8 @@ def register(subparsers) -> None:
     p.add_argument("--storage", default=None, metavar="URI",
                    help="where results and caches go (default: the storage holding the checkpoint's run)")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
-                   help="MLflow tracking URI (default: the run's own, sqlite in local storage)")
+                   help="MLflow tracking URI (default: the run's own, else $MLFLOW_TRACKING_URI, else sqlite in the "
+                        "run's local storage)")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--address", default=None, metavar="ADDR",
                    help="an existing Ray cluster (default: start a local one); with token authentication set "

@@ -26,7 +26,8 @@ def register(subparsers) -> None:
                    help="storage root: a local path or s3://bucket/prefix (default: the experiment's, ./dcdit-runs); "
                         "the sweep lives in URI/NAME")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
-                   help="MLflow tracking URI (default sqlite:///<absolute storage path>/mlflow.db; required with S3)")
+                   help="MLflow tracking URI (default: the experiment's tracking.uri, else $MLFLOW_TRACKING_URI, "
+                        "else sqlite:///<absolute storage path>/mlflow.db; a server is required with S3)")
     p.add_argument("--address", default=None, metavar="ADDR",
                    help="an existing Ray cluster: HOST:PORT, or auto for the one `ray start` began on this machine "
                         "(default: the cluster of a Ray job, else a new local one); with token authentication set "

@@ -40,8 +40,8 @@ def _common(p: argparse.ArgumentParser, *, example: str) -> None:
     p.add_argument("--storage", default=None, metavar="URI",
                    help="storage root: a local path or s3://bucket/prefix (default ./dcdit-runs)")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
-                   help="MLflow tracking URI (default sqlite:///<absolute storage path>/mlflow.db; required with "
-                        "S3 storage)")
+                   help="MLflow tracking URI (default: the experiment's tracking.uri, else $MLFLOW_TRACKING_URI, "
+                        "else sqlite:///<absolute storage path>/mlflow.db; a server is required with S3 storage)")
     p.add_argument("--address", default=None, metavar="ADDR",
                    help="an existing Ray cluster (default: start a local one); with token authentication set "
                         "RAY_AUTH_MODE=token")

@@ -24,7 +24,7 @@ from dcdit.viz import sample_grid
 from dcdit_platform.evaluation.npz_files import NpzSampleWriter
 from dcdit_platform.evaluation.protocol import PROTOCOL_PARAMS, EvalConfig
 from dcdit_platform.runs import LoadedCheckpoint
-from dcdit_platform.tracking import Tracker, default_tracking_uri
+from dcdit_platform.tracking import TRACKING_ENV, Tracker, resolve_tracking_uri
 
 RESULTS_DIR = "evaluations"  # {storage}/{run name}/evaluations/{checkpoint}/{slug}.json
 GRID_IMAGES = 64  # samples shown in a result's sample grid
@@ -153,14 +153,15 @@ def log_to_mlflow(cfg: EvalConfig, ckpt: LoadedCheckpoint, slug: str, summary: d
 
 
 def _tracking_uri(cfg: EvalConfig, config) -> str:
-    """--tracking-uri, else the run's own (recorded without credentials), else the storage's default sqlite."""
+    """--tracking-uri, else the run's own (recorded without credentials), else MLFLOW_TRACKING_URI, else the
+    storage's default sqlite (`resolve_tracking_uri`)."""
     if cfg.tracking_uri:
         return cfg.tracking_uri
     if config.tracking.uri and "***" not in config.tracking.uri:
         return config.tracking.uri
-    if config.storage.is_s3:
+    if config.storage.is_s3 and not os.environ.get(TRACKING_ENV):
         raise DCDiTError("the run's MLflow server is not recorded without credentials: pass --tracking-uri")
-    return default_tracking_uri(config.storage.uri)
+    return resolve_tracking_uri(None, config.storage.uri)
 
 
 def format_table(summary: dict) -> str:

@@ -68,18 +68,15 @@ def load_sweep(path: str | os.PathLike, *, name: str | None = None, overrides: S
 
     sweep_name = check_name(name or spec.name or _stem(path), "--name" if name else "name")
     # MLflow (about 1 s of imports) only once the sweep file parsed: `dcdit sweep` reports a bad file without it.
-    from dcdit_platform.tracking import default_tracking_uri
+    from dcdit_platform.tracking import TRACKING_ENV, resolve_tracking_uri
 
     storage_section = from_dict(StorageSection, common.get("storage") or {}, prefix="storage")
     tracking_section = from_dict(TrackingSection, common.get("tracking") or {}, prefix="tracking")
     root = open_storage(storage_section.uri, storage_section.options() or None)
-    if tracking_section.uri is None and root.is_local:
-        resolved_tracking = default_tracking_uri(root.uri)
-    elif tracking_section.uri is None:
+    if tracking_section.uri is None and not root.is_local and not os.environ.get(TRACKING_ENV):
         raise DCDiTError(f"storage {storage_section.uri} is on S3, so the sweep needs an MLflow tracking server: pass "
-                         "--tracking-uri http://HOST:PORT (or set tracking.uri)")
-    else:
-        resolved_tracking = tracking_section.uri
+                         f"--tracking-uri http://HOST:PORT (or set tracking.uri or {TRACKING_ENV})")
+    resolved_tracking = resolve_tracking_uri(tracking_section.uri, root.uri)
     trials = expand_trials(spec, common)
     warnings = _build_trial_configs(trials, sweep_name, root.join(sweep_name), resolved_tracking)
     base = trials[0].config

@@ -22,6 +22,7 @@ import yaml
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from dcdit.errors import DCDiTError
+from dcdit.models import family_of
 from dcdit_platform import console
 from dcdit_platform.config import ExperimentConfig, check_run_name, default_run_name, science_diff
 from dcdit_platform.config.memory import STATE_BYTES_PER_PARAM, gib, machine_memory, training_memory
@@ -29,7 +30,7 @@ from dcdit_platform.raycluster import ray_session, target_address
 from dcdit_platform.runs import newest_checkpoint, read_run_record, write_run_record
 from dcdit_platform.secrets import redact, redact_config, secret_env
 from dcdit_platform.storage import open_storage
-from dcdit_platform.tracking import Tracker, default_tracking_uri, flat_params
+from dcdit_platform.tracking import Tracker, flat_params, resolve_tracking_uri
 from dcdit_platform.training.data import check_data
 from dcdit_platform.training.outcome import OutcomeBox, fail_run, failure_message, finish_run
 from dcdit_platform.training.payload import WorkerPayload, WorkerSecrets
@@ -64,7 +65,7 @@ def plan_run(config: ExperimentConfig, *, name: str | None = None, config_path: 
     storage = open_storage(config.storage.uri, config.storage.options() or None)
     if not storage.is_local:
         storage.check()
-    tracking_uri = config.tracking.uri or default_tracking_uri(storage.uri)
+    tracking_uri = resolve_tracking_uri(config.tracking.uri, storage.uri)
     check_data(config)
     init = config.train.init_from
     # Local paths are checked here; hub names and official file names are resolved by the workers.
@@ -120,7 +121,7 @@ def open_run(plan: RunPlan, echo: Callable[[str], None]) -> OpenedRun:
     known_run = (latest[1].get("mlflow_run_id") if latest else None) or (record or {}).get("mlflow_run_id")
     run_id = tracker.open_run(experiment=config.tracking.experiment, run_name=name, run_id=known_run,
                               parent_run_id=config.tracking.parent_run_id, tags=config.tracking.tags)
-    tracker.log_params(run_id, flat_params(safe_config))
+    tracker.log_params(run_id, flat_params(applicable_config(config, safe_config)))
     tracker.set_tags(run_id, {"dcdit.config_hash": config_hash, "dcdit.storage": redact(plan.run_uri),
                               "dcdit.model": config.model_preset or config.model.arch,
                               **({"dcdit.init_from": redact(config.train.init_from)} if config.is_upcycling else {})})
@@ -145,6 +146,27 @@ def open_run(plan: RunPlan, echo: Callable[[str], None]) -> OpenedRun:
     else:
         echo(f"starting {name} (MLflow run {run_id}, storage {redact(plan.run_uri)})")
     return run
+
+
+# Optimisation settings read only when a DC-DiT is upcycled from a DiT (train.init_from).
+UPCYCLING_FIELDS = ("init_from", "freeze_embedders", "cond_adaptor", "distill_steps", "distill_weight")
+
+
+def applicable_config(config: ExperimentConfig, safe_config: dict) -> dict:
+    """`safe_config` without what this run's architecture never reads, so that MLflow's compare view does not show a
+    DiT baseline with a DC-DiT's defaults (model fields of other families, train.chunking without a router, the
+    upcycling settings of a run that is not upcycled)."""
+    family = family_of(config.model)
+    model_fields = family.fields(config.model)
+    tree = {**safe_config, "model": {k: v for k, v in safe_config["model"].items() if k in model_fields}}
+    train = dict(safe_config["train"])
+    if not family.routed:
+        train.pop("chunking", None)
+    if not config.is_upcycling:
+        for key in UPCYCLING_FIELDS:
+            train.pop(key, None)
+    tree["train"] = train
+    return tree
 
 
 def _pick_checkpoint(plan: RunPlan, echo: Callable[[str], None]) -> tuple[str, dict] | None:
