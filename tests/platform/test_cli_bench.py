@@ -1,4 +1,5 @@
-"""`dcdit bench` end to end on tiny inputs: the JSON it prints has what the speed report needs (no timing asserts)."""
+"""`dcdit bench` end to end on tiny inputs: the JSON it prints has what the speed report needs, the stage profiles
+included (no timing asserts)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ def test_bench_reports_rates_for_dit_dcdit_and_the_reference():
     proc = subprocess.run(
         [sys.executable, "-m", "dcdit_platform.cli", "bench", "DiT-S/8", "DC-DiT-S", "--image-size", "64",
          "--batch", "2", "--repeats", "1", "--warmup", "0", "--precision", "fp32", "bf16", "--reference",
-         "--threads", "1", "--json"],
+         "--threads", "1", "--profile", "--json"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -28,3 +29,7 @@ def test_bench_reports_rates_for_dit_dcdit_and_the_reference():
     # about 8% here where a sample is a single token, negligible at 256 tokens).
     ours, ref = rows[("DiT-S/8", "fp32")], rows[("DiT-S/8 (diffusers)", "fp32")]
     assert 0.85 < ours["forward_flops"] / ref["forward_flops"] <= 1.0
+    # --profile: one stage table per case (perf/profile.py's own tests check what is in it).
+    profiles = {(p["model"], p["precision"]): p for p in summary["profiles"]}
+    assert set(profiles) == set(rows)
+    assert {"de-chunk", "plug-back", "router"} <= {s["stage"] for s in profiles[("DC-DiT-S", "bf16")]["stages"]}

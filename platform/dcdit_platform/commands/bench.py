@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("--attention-backend", default="auto", help="packed attention backend (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one step of each model after the timed ones and print where its time goes "
+                        "(encoder, router, packing, backbone, de-chunk, plug-back, decoder, optimizer, ...)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=bench)
 
@@ -39,7 +42,8 @@ def bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(models=tuple(args.models), image_size=args.image_size, pixel=args.pixel,
                              batch=args.batch, precision=tuple(args.precision), repeats=args.repeats,
                              warmup=args.warmup, kept_fraction=args.kept_fraction, reference=args.reference,
-                             attention_backend=args.attention_backend, threads=args.threads, seed=args.seed)
+                             attention_backend=args.attention_backend, threads=args.threads, seed=args.seed,
+                             profile=args.profile)
     summary = run_benchmark(settings)
     if args.json:
         print_json(summary)

@@ -24,6 +24,7 @@ from dcdit.flops import calibrate_router, flop_counter
 from dcdit.models import build_model, family_of
 from dcdit.models.attention import attention_backend
 from dcdit.objective import TrainingObjective, draw_samples
+from dcdit_platform.perf.profile import format_profile, profile_step
 
 PRECISIONS = ("fp32", "bf16")
 REFERENCE_SUFFIX = " (diffusers)"
@@ -45,6 +46,7 @@ class BenchSettings:
     attention_backend: str = "auto"
     threads: int | None = None
     seed: int = 0
+    profile: bool = False  # also where each case's step goes, stage by stage (perf/profile.py)
 
     def validate(self) -> None:
         if self.batch < 1 or self.repeats < 1 or self.warmup < 0:
@@ -197,6 +199,10 @@ def run_benchmark(args: BenchSettings) -> dict:
                 if timed:
                     case.times.append(time.perf_counter() - wall)
                     case.cpu_times.append(time.process_time() - cpu)
+        # After the timed rounds, so every case is warm and the profiler's overhead stays out of the timings.
+        profiles = [{"model": case.name, "precision": case.precision,
+                     **profile_step(case.model, case.forward_loss, case.optimizer, warmup=0)}
+                    for case in cases] if args.profile else []
     machine = {p: statistics.median(r) for p, r in rates.items()}
     machine_cpu = {p: statistics.median(r) for p, r in cpu_rates.items()}
     results = []
@@ -225,6 +231,7 @@ def run_benchmark(args: BenchSettings) -> dict:
         "image_size": args.image_size, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": platform.processor() or
         platform.machine(), "attention_backend": args.attention_backend,
+        **({"profiles": profiles} if profiles else {}),
         "flops_note": "FLOPs per step measured with FlopCounterMode on the training step (forward + backward, "
                       "2 FLOPs per multiply-add; AdamW and elementwise work not counted)",
     }
@@ -242,6 +249,8 @@ def format_table(summary: dict) -> str:
         lines.append(f"{r['model']:<22} {r['precision']:<5} {r['params'] / 1e6:>7.1f}M "
                      f"{r['flops_per_step'] / 1e9:>11.1f} {r['step_ms']:>9.1f} {r['step_cpu_ms']:>9.1f} "
                      f"{r['gflops_per_s']:>8.1f} {r['fraction_of_machine_matmul']:>9.0%} {kept:>6}")
+    for p in summary.get("profiles", []):
+        lines += ["", format_profile(f"{p['model']} {p['precision']}", p)]
     return "\n".join(lines)
 
 
