@@ -109,6 +109,9 @@ class StepResult:
     router_grad_norm: float = 0.0  # before clipping; 0 for models without a learned router
 
 
+TFLOPS_SEEN = "train/tflops_seen"
+
+
 class MetricWindow:
     """Step statistics accumulated between two logging steps, turned into the logged metrics.
 
@@ -128,6 +131,9 @@ class MetricWindow:
     def reset(self) -> None:
         self.stats = StepStats()
         self.steps = 0
+        # Training compute before this window: the checkpoint's (or the last logged) cumulative count. A checkpoint
+        # written without one (older code) leaves it unknown rather than restarting the count at 0.
+        self.tflops_before = self.latest.get(TFLOPS_SEEN, 0.0 if not self.latest else None)
         self.grad_norm = 0.0
         self.router_grad_norm = 0.0
         self.distill_samples = 0.0
@@ -161,6 +167,10 @@ class MetricWindow:
             out["train/distill_loss"] = s["distill_loss"] / self.distill_samples
         # Training = forward + backward ~ 3 forward passes; 2 FLOPs per multiply-accumulate.
         out["perf/gflops_per_s"] = 6.0 * macs / wall / 1e9
+        # Cumulative counts, so quality can be plotted against compute in MLflow (train/tflops_seen on the x axis).
+        out["train/images_seen"] = float(step * self.config.train.global_batch)
+        if self.tflops_before is not None:
+            out[TFLOPS_SEEN] = self.tflops_before + 6.0 * macs / 1e12
         out["step"] = step
         self.latest = out
         return out

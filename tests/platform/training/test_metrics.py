@@ -19,7 +19,7 @@ from dcdit.objective import StepLoss
 DIT = {"arch": "dit", "depth": 2, "hidden_size": 32, "num_heads": 2, "input_size": 8, "in_channels": 3,
        "num_classes": 4, "patch_size": 2}
 COMMON = {"train/loss", "train/diffusion_loss", "optim/grad_norm", "optim/lr", "perf/images_per_s",
-          "perf/step_time_s", "perf/tokens_per_s", "perf/gflops_per_s", "step"}
+          "perf/step_time_s", "perf/tokens_per_s", "perf/gflops_per_s", "train/images_seen", "step"}
 ROUTER = {"train/ratio_loss", "optim/router_grad_norm", "router/kept_fraction", "router/compression_natural",
           "router/compression_effective", "router/tail_drop", "router/target_n"}
 
@@ -82,7 +82,7 @@ def test_routed_window_means_and_names():
                           router_grad_norm=0.25))
     m = window.metrics(7)
     assert set(m) == COMMON | ROUTER | {"router/kept_fraction_t0000_0199", "router/kept_fraction_t0400_0599",
-                                        "router/kept_fraction_t0800_0999"}  # no distilling step: no distill loss
+                                        "router/kept_fraction_t0800_0999", "train/tflops_seen"}  # no distill loss
     assert m["step"] == 7 and window.latest is m
     assert m["train/loss"] == pytest.approx(2.4 / 4) and m["train/diffusion_loss"] == pytest.approx(1.8 / 4)
     assert m["train/ratio_loss"] == pytest.approx(1.2 / 4)
@@ -99,6 +99,15 @@ def test_routed_window_means_and_names():
     per_image = 6 * dcdit_macs(config.model, kept_tokens=[2, 1, 4, 3]).total / 1e9
     assert m["perf/gflops_per_s"] / m["perf/images_per_s"] == pytest.approx(per_image, rel=1e-9)
     assert m["perf/tokens_per_s"] / m["perf/images_per_s"] == pytest.approx(10 / 4)
+    # Cumulative counts from a fresh run: step x global batch (8) images, and 2 steps of 4 samples at 3 forwards.
+    assert m["train/images_seen"] == 7 * 8
+    assert m["train/tflops_seen"] == pytest.approx(2 * per_image * 4 / 1e3, rel=1e-9)
+    window.reset()  # logged: the next window adds to this count
+    window.add(StepResult(_routed_stats(), grad_norm=1.0, finite=True, lr=1e-3))
+    assert window.metrics(8)["train/tflops_seen"] == pytest.approx(3 * per_image * 4 / 1e3, rel=1e-9)
+    resumed = MetricWindow(config, latest={"train/tflops_seen": 2.5, "step": 8})  # a checkpoint's count goes on
+    resumed.add(StepResult(_routed_stats(), grad_norm=1.0, finite=True, lr=1e-3))
+    assert resumed.metrics(9)["train/tflops_seen"] == pytest.approx(2.5 + per_image * 4 / 1e3, rel=1e-9)
 
 
 def test_router_controls_log_routing_but_no_ratio_loss_or_router_gradient():
@@ -130,7 +139,7 @@ def test_window_of_a_model_without_a_router():
     assert window.latest == {"train/loss": 5.0, "step": 4}  # what a checkpoint logged, until the next metrics
     window.add(StepResult(stats, grad_norm=0.5, finite=True, lr=1e-4))
     m = window.metrics(5)
-    assert set(m) == COMMON
+    assert set(m) == COMMON  # the checkpoint resumed from predates train/tflops_seen: unknown, not restarted at 0
     assert m["train/loss"] == pytest.approx(1.0) and m["optim/lr"] == 1e-4
     assert m["perf/tokens_per_s"] / m["perf/images_per_s"] == pytest.approx(16)  # (8 / 2) ** 2 patches
     assert m["perf/gflops_per_s"] / m["perf/images_per_s"] == pytest.approx(6 * dit_macs(config.model).total / 1e9)

@@ -172,3 +172,26 @@ def test_upcycling_distills_first_then_trains_and_resumes_in_the_right_phase(sto
     second = run(store, "upcycle-resumed", train=upcycling, model=frame)
     assert max_abs_diff(load_weights(second["checkpoint"])[0], model) <= 1e-6
     assert steps_logged(tracker, first["mlflow_run_id"], "train/distill_loss") == [1, 2]
+
+
+def test_images_and_tflops_seen_add_up_across_windows_and_resumption(store, straight):
+    """train/tflops_seen is the sum of every window's compute; logged every 3 steps and resumed from the step-4
+    checkpoint (written between two logging steps), it ends where the straight run (logged every step) ends."""
+    summary, _ = straight
+    tracker = Tracker(summary["tracking_uri"])
+
+    def history(run_id: str, key: str) -> dict[int, float]:
+        return {m.step: m.value for m in tracker.metric_history(run_id, key)}
+
+    ref = summary["mlflow_run_id"]
+    gflops, step_time = history(ref, "perf/gflops_per_s"), history(ref, "perf/step_time_s")
+    by_hand = sum(gflops[s] * step_time[s] / 1e3 for s in range(1, 13))  # one step per window: GFLOP/s x s
+    assert history(ref, "train/tflops_seen")[12] == pytest.approx(by_hand, rel=1e-9)
+    assert history(ref, "train/images_seen") == {s: 8.0 * s for s in range(1, 13)}  # global batch 8
+
+    run(store, "seen", train={"steps": 8}, logging={"every": 3})
+    resumed = run(store, "seen", resume_from="checkpoint_00000004", logging={"every": 3})
+    seen = history(resumed["mlflow_run_id"], "train/tflops_seen")
+    assert sorted(seen) == [3, 6, 8, 9, 12]
+    assert seen[12] == pytest.approx(history(ref, "train/tflops_seen")[12], rel=1e-9)
+    assert seen[3] < seen[6] < seen[8] < seen[9] < seen[12]
