@@ -105,10 +105,13 @@ def test_router_and_dechunk_stay_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, routing = model(x, t, y, return_routing=True)
     assert routing.probs.dtype == torch.float32
-    reference = model(x, t, y, return_routing=True)[1].probs
+    reference_out, reference = model(x, t, y, return_routing=True)
     # The encoder runs in bf16, so p differs slightly, but the router arithmetic itself is float32.
-    assert (routing.probs - reference).abs().max() < 0.05
-    assert out.dtype in (torch.bfloat16, torch.float32)
+    assert (routing.probs - reference.probs).abs().max() < 0.05
+    # The backbone and the final layer ran in bf16; with the same tokens kept, the prediction is the float32 one
+    # to bf16 precision (8 mantissa bits: 2^-8 relative per operation, a few percent after the blocks).
+    assert out.dtype == torch.bfloat16 and torch.equal(routing.mask, reference.mask)
+    assert (out.float() - reference_out).abs().max() < 0.05 * reference_out.abs().max()
 
 
 def _block_stream_dtypes(model: torch.nn.Module) -> dict:

@@ -76,7 +76,8 @@ def tiny_checkpoint(root: Path, *, arch: str = "dit", image_size: int = 8, num_c
                     run_name: str = "tiny", step: int = 10, mlflow_run_id: str | None = None,
                     num_samples: int = 64) -> Path:
     """A checkpoint of a tiny untrained model on the synthetic data, as `dcdit train` lays it out:
-    {root}/{run_name}/checkpoint_{step:08d} with config.json (an experiment config) and state.json."""
+    {root}/{run_name}/checkpoint_{step:08d} with config.json (an experiment config) and state.json; its model
+    weights are its EMA weights plus noise."""
     model = {"arch": arch, "depth": 1, "hidden_size": 32, "num_heads": 2, "input_size": image_size,
              "in_channels": 3, "num_classes": num_classes, **TINY_FAMILY_FIELDS[arch]}
     data = {"name": run_name, "seed": seed, "model": model,
@@ -93,8 +94,10 @@ def tiny_checkpoint(root: Path, *, arch: str = "dit", image_size: int = 8, num_c
         for name, p in net.named_parameters():
             if "final_layer" in name or "adaLN" in name:
                 p.data.normal_(0, 0.05)
+        # The raw weights differ from the EMA (what is sampled), so evaluating the wrong ones shows.
+        ema = net.state_dict()
+        raw = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ema.items()}
     state = {"step": step, "mlflow_run_id": mlflow_run_id, "run_name": run_name}
     directory = checkpoint_dir(root / run_name, step)
-    save_checkpoint(directory, model_state=net.state_dict(), ema_state=net.state_dict(), state=state,
-                    config=config.to_dict())
+    save_checkpoint(directory, model_state=raw, ema_state=ema, state=state, config=config.to_dict())
     return directory
