@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,11 @@ from dcdit.errors import DCDiTError
 # Ray Train V2's placement-group cleaner finds the State API by auto-detecting "the" Ray of its machine, which fails
 # when several run there (tests, shared hosts). An embedded cluster with a dashboard points it at its own.
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+# free_port's ports: above Ray's worker ports (10002-19999 by default), below Linux's ephemeral range (32768-60999,
+# what bind(0) and outgoing connections get), so neither Ray nor the kernel hands one out on its own.
+PORT_RANGE = (20000, 32768)
+_held_ports: list[socket.socket] = []  # the lock sockets of the ports handed out, open until the process ends
 
 TOKEN_HINT = ("with token authentication (on by default since Ray 2.59) set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
               "or RAY_AUTH_TOKEN_PATH")
@@ -67,9 +73,27 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, dash
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 for a server this process starts, that no other process can be handed meanwhile.
+
+    Binding port 0 and releasing it races: the kernel hands the same port to the next bind(0) or outgoing
+    connection. Here the port lies outside the kernel's ephemeral range and Ray's worker ports, and an abstract
+    Unix socket named after it, held until this process exits (no file to clean up), keeps every other free_port
+    caller off it; the TCP bind only checks that no foreign process serves on it."""
+    low, high = PORT_RANGE
+    start = random.randrange(low, high)
+    for offset in range(high - low):
+        port = low + (start - low + offset) % (high - low)
+        lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            lock.bind(f"\0dcdit-port-{port}")  # one name per network namespace: taken until closed
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            lock.close()
+            continue
+        _held_ports.append(lock)
+        return port
+    raise DCDiTError(f"no free TCP port in {low}-{high - 1} on 127.0.0.1: close some servers and retry")
 
 
 def _restore_env(name: str, value: str | None) -> None:
