@@ -1,6 +1,6 @@
 """Sweeps on real Ray clusters with a real MLflow server over HTTP: the smoke sweep killed and resumed, submitted
 with `ray job submit` to a `ray start --head` cluster with token authentication, on a 2-node `cluster_utils`
-cluster that loses a node mid-trial, and 16 tiny trials at once.
+cluster that loses a node mid-trial, ASHA stopping the worse of two trials, and 16 tiny trials at once.
 
 Every sweep runs as its own `dcdit sweep` process (the driver is what gets killed), in its own MLflow experiment.
 """
@@ -271,6 +271,35 @@ def test_two_node_cluster_runs_trials_on_both_nodes_and_survives_losing_one(tmp_
         if proc is not None and proc.poll() is None:
             kill_session(proc)
         cluster.shutdown()
+
+
+# --- ASHA -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(900)  # two trials one after the other: ~4 min on a loaded 2-core machine, 10 under load 30
+def test_asha_stops_the_worse_trial_at_its_first_rung(tmp_path, mlflow_server):
+    """One trial at a time, ranked by the learning rate each reports (max): the first trial is alone at every rung
+    and finishes; the second reports a tenth of its learning rate at the first rung (step 1) and is below the
+    rung's cut-off (the first trial's value), so ASHA stops it there."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"_base_: {SMOKE}\n"
+                     "name: asha\n"
+                     "overrides: {train.steps: 4, checkpoint.every: 1, logging.every: 1, logging.artifacts_every: -1,"
+                     " data.num_samples: 64}\n"
+                     "grid: {model.downsample_factor: [4], train.chunking.ratio_loss_weight: [0.03],"
+                     " train.lr: [0.001, 0.0001]}\n"
+                     "baselines: []\n"
+                     "max_concurrent_trials: 1\n"
+                     "scheduler: {type: asha, metric: optim/lr, mode: max, grace_period: 1, reduction_factor: 2}\n")
+    storage, experiment = tmp_path / "runs", f"sweep-asha-{uuid.uuid4().hex[:6]}"
+    done = subprocess.run(sweep_args(sweep, storage, mlflow_server.uri, experiment), capture_output=True, text=True,
+                          env=cli_env(), timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    trials = {t["overrides"]["train.lr"]: t for t in last_json(done.stdout)["trials"]}
+    assert trials[0.001]["status"] == "FINISHED", trials[0.001]
+    assert trials[0.0001]["status"] == "STOPPED", trials[0.0001]
+    assert trials[0.001]["checkpoint"].endswith("checkpoint_00000004")
+    # Tune stops a trial after the report it judged, so a step may follow; the last one never does.
+    assert int(trials[0.0001]["checkpoint"].rsplit("_", 1)[1]) < 4, trials[0.0001]
 
 
 # --- load -----------------------------------------------------------------------------------------------------------
