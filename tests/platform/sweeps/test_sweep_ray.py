@@ -326,4 +326,5 @@ def test_sixteen_tiny_trials_all_finish(tmp_path, mlflow_server):
     check_summary(summary, names, parent.info.run_id, storage, "load16")
     check_children(client, parent, children, summary)
     assert len(children) == 16
-    assert os.cpu_count() >= 2 and summary["max_concurrent_trials"] == int(os.cpu_count() // 0.31)
+    # The sweep's local Ray has every core; a trial takes 0.3 + 0.01 CPU, and no more run at once than there are.
+    assert summary["max_concurrent_trials"] == min(16, int(os.cpu_count() // 0.31))
