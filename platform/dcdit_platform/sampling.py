@@ -30,6 +30,8 @@ from dcdit_platform.evaluation.sources import generation_geometry
 from dcdit_platform.runs import open_checkpoint
 from dcdit_platform.storage import open_storage
 
+SAMPLES_DIR = "dcdit-samples"  # the default output folder, under the working directory (in .gitignore)
+
 
 @dataclass
 class Source:
@@ -91,7 +93,7 @@ class SampleRequest:
     lite_cfg: bool = False
     tail_drop: float | None = None
     vae: str | None = None
-    out: str | None = None  # default: samples/<source name>
+    out: str | None = None  # default: dcdit-samples/RUN-stepSTEP
     grid: bool = False
     boundaries: bool = False
     batch_size: int = 16
@@ -114,7 +116,7 @@ def sample(ref: str, request: SampleRequest, *, storage: str | None = None,
     model.load_state_dict(src.weights)
     model = model.to(device).eval().requires_grad_(False)
     vae = load_vae(vae_name, device=device) if vae_name else None
-    out = Path(request.out or os.path.join("samples", _name(src)))
+    out = Path(request.out or os.path.join(SAMPLES_DIR, _name(src)))
     out.mkdir(parents=True, exist_ok=True)
     shape = (src.config.in_channels, src.config.input_size, src.config.input_size)
     echo(f"{len(pairs)} image(s) from {src.uri} on {device.type}: {plan.sampler} {plan.steps} steps, "

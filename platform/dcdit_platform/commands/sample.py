@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--tail-drop", type=float, default=None, metavar="RHO",
                    help="DC-DiT: drop this fraction of the kept tokens at inference")
     p.add_argument("--vae", default=None, metavar="DIR", help="AutoencoderKL directory (or hub name) for latents")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default samples/RUN-stepSTEP)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default dcdit-samples/RUN-stepSTEP)")
     p.add_argument("--grid", action="store_true", help="also write grid.png (one row per class)")
     p.add_argument("--boundaries", action="store_true",
                    help="DC-DiT: also write each image's router boundary maps (class..._boundaries.png)")
