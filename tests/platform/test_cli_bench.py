@@ -1,11 +1,15 @@
 """`dcdit bench` end to end on tiny inputs: the JSON it prints has what the speed report needs, the stage profiles
-included (no timing asserts)."""
+included (no timing asserts); benchmarks/gpu_check.py on a machine without CUDA."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_reports_rates_for_dit_dcdit_and_the_reference():
@@ -33,3 +37,11 @@ def test_bench_reports_rates_for_dit_dcdit_and_the_reference():
     profiles = {(p["model"], p["precision"]): p for p in summary["profiles"]}
     assert set(profiles) == set(rows)
     assert {"de-chunk", "plug-back", "router"} <= {s["stage"] for s in profiles[("DC-DiT-S", "bf16")]["stages"]}
+
+
+def test_gpu_check_without_cuda_says_so_and_succeeds():
+    # CUDA_VISIBLE_DEVICES="" hides any GPU, so this holds on a CUDA machine too.
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device here" in proc.stdout and "nothing to check" in proc.stdout

@@ -47,6 +47,7 @@ class BenchSettings:
     threads: int | None = None
     seed: int = 0
     profile: bool = False  # also where each case's step goes, stage by stage (perf/profile.py)
+    device: str = "cpu"  # benchmarks/gpu_check.py builds its cases on "cuda"
 
     def validate(self) -> None:
         if self.batch < 1 or self.repeats < 1 or self.warmup < 0:
@@ -91,9 +92,9 @@ class Case:
     cpu_times: list[float] = field(default_factory=list)
 
 
-def _autocast(precision: str):
+def _autocast(precision: str, device_type: str = "cpu"):
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -112,11 +113,12 @@ def build_case(name: str, precision: str, args: BenchSettings, *, reference: boo
         input_size=args.image_size // 8)
     config = preset(name, **overrides)
     torch.manual_seed(args.seed)
-    model = DiffusersDiT(config) if reference else build_model(config)
+    device = torch.device(args.device)
+    model = (DiffusersDiT(config) if reference else build_model(config)).to(device)
     model.train()
     gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, config.in_channels, config.input_size, config.input_size, generator=gen)
-    y = torch.randint(0, config.num_classes, (args.batch,), generator=gen)
+    x = torch.randn(args.batch, config.in_channels, config.input_size, config.input_size, generator=gen).to(device)
+    y = torch.randint(0, config.num_classes, (args.batch,), generator=gen).to(device)
     routed = family_of(config).routed
     objective = TrainingObjective(create_diffusion(), routed=routed, downsample_factor=config.downsample_factor,
                                   class_dropout_prob=config.class_dropout_prob, seed=args.seed + 1)
@@ -133,7 +135,7 @@ def build_case(name: str, precision: str, args: BenchSettings, *, reference: boo
 
     def forward_loss() -> torch.Tensor:
         # Step 0 every time: the same t, noise and class dropout, so every timed step does identical work.
-        with _autocast(precision):
+        with _autocast(precision, device.type):
             out = objective(model, x, y, step=0)
         step.routing = out.routing
         return out.loss
@@ -151,7 +153,7 @@ def build_case(name: str, precision: str, args: BenchSettings, *, reference: boo
     if routed:
         kept_fraction = float(step.routing.kept.double().mean()) / config.num_tokens
     with flop_counter() as counter, torch.no_grad():
-        with _autocast(precision):
+        with _autocast(precision, device.type):
             objective(model, x, y, step=0)
     label = name + (REFERENCE_SUFFIX if reference else "")
     return Case(label, precision, model, step, sum(p.numel() for p in model.parameters()), flops,
