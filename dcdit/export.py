@@ -119,9 +119,12 @@ def read_record(directory: Path) -> dict[str, Any]:
     if int(record.get("format_version", 0)) > FORMAT_VERSION:
         raise DCDiTError(f"{directory} has export format {record['format_version']}, newer than this dcdit "
                          f"({FORMAT_VERSION}); upgrade dcdit")
-    for key in ("model", "diffusion", "sampling", "num_classes"):
-        if key not in record:
-            raise DCDiTError(f"{path} lacks {key!r}; export the checkpoint again")
+    for key, kind in (("model", dict), ("diffusion", dict), ("sampling", dict), ("num_classes", int)):
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            raise DCDiTError(f"{path}: {key!r} is missing or not a{'n int' if kind is int else ' JSON object'}; "
+                             f"export the checkpoint again")
+    if not isinstance(record["diffusion"].get("num_timesteps"), int) or record["diffusion"]["num_timesteps"] < 1:
+        raise DCDiTError(f"{path}: diffusion.num_timesteps must be a positive int; export the checkpoint again")
     return record
 
 

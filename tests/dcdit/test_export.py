@@ -86,6 +86,31 @@ def test_refusals_leave_nothing_half_written(dit, dc_dit, tmp_path):
         dcdit.from_pretrained(tmp_path / "full")
 
 
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d: (d / "dcdit_config.json").write_text("{not json"), "is not valid JSON"),
+    (lambda d: (d / "dcdit_config.json").write_text('{"format": "other"}'), "not a dcdit export config"),
+    (lambda d: _edit(d, format_version=2), "newer than this dcdit"),
+    (lambda d: _edit(d, num_classes="ten"), "'num_classes' is missing or not an int"),
+    (lambda d: _edit(d, diffusion={"num_timesteps": 0}), "num_timesteps must be a positive int"),
+    (lambda d: _edit(d, model={**_record(d)["model"], "depth": 3}), "do not fit the DiT"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 9), "not a readable safetensors file"),
+])
+def test_damaged_exports_are_one_line_errors(dit, tmp_path, damage, message):
+    save_pretrained(tmp_path / "out", config=dit.config, weights=dit.state_dict(), num_timesteps=T)
+    damage(tmp_path / "out")
+    with pytest.raises(DCDiTError, match=message) as err:
+        dcdit.from_pretrained(tmp_path / "out")
+    assert "\n" not in str(err.value)
+
+
+def _record(directory) -> dict:
+    return json.loads((directory / "dcdit_config.json").read_text())
+
+
+def _edit(directory, **changes) -> None:
+    (directory / "dcdit_config.json").write_text(json.dumps({**_record(directory), **changes}))
+
+
 def _tiny_vae():
     torch.manual_seed(4)
     return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
