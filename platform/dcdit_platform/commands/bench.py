@@ -63,12 +63,7 @@ def bench(args: argparse.Namespace) -> int:
                              warmup=2 if args.warmup is None else args.warmup, kept_fraction=args.kept_fraction,
                              reference=args.reference, attention_backend=args.attention_backend,
                              threads=args.threads, seed=args.seed, profile=args.profile)
-    summary = run_benchmark(settings)
-    if args.json:
-        print_json(summary)
-        return 0
-    print(format_table(summary))
-    return 0
+    return _show(run_benchmark(settings), args.json, format_table)
 
 
 def _bench_sampling(args: argparse.Namespace) -> int:
@@ -84,9 +79,12 @@ def _bench_sampling(args: argparse.Namespace) -> int:
                                    repeats=3 if args.repeats is None else args.repeats,
                                    warmup=1 if args.warmup is None else args.warmup,
                                    attention_backend=args.attention_backend, threads=args.threads, seed=args.seed)
-    summary = run_sample_benchmark(settings)
-    if args.json:
+    return _show(run_sample_benchmark(settings), args.json, format_sample_table)
+
+
+def _show(summary: dict, as_json: bool, formatter) -> int:
+    if as_json:
         print_json(summary)
-        return 0
-    print(format_sample_table(summary))
+    else:
+        print(formatter(summary))
     return 0
