@@ -25,11 +25,18 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"dcdit_platform.commands.{name}").register(subparsers)
+    for command in subparsers.choices.values():  # every command takes them, after its own arguments
+        loudness = command.add_mutually_exclusive_group()
+        loudness.add_argument("--quiet", action="store_true",
+                              help="print only warnings, errors and the result (for scripts)")
+        loudness.add_argument("--verbose", action="store_true",
+                              help="print debug lines and Ray's own log lines from its workers too")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.set_verbosity(quiet=args.quiet, verbose=args.verbose)
     # SIGTERM (a scheduler stopping the job) ends a command as Ctrl-C does: runs are closed as KILLED, not left
     # RUNNING. Signal handlers can only be set from the main thread (tests call main() from others).
     in_main = threading.current_thread() is threading.main_thread()

@@ -66,9 +66,34 @@ def error(command: str, text: str) -> None:
     logger(command).error("dcdit %s: error: %s", command, text)
 
 
-def set_verbosity(*, quiet: bool = False) -> None:
-    """`--quiet`: only warnings and errors on stderr."""
-    _root().setLevel(logging.WARNING if quiet else logging.INFO)
+_verbosity = {"quiet": False, "verbose": False}
+
+
+def set_verbosity(*, quiet: bool = False, verbose: bool = False) -> None:
+    """`--quiet`: only warnings and errors on stderr (and no output of Ray's workers); `--verbose`: debug lines,
+    and Ray's own log lines from its workers too (raycluster.ray_session reads `is_quiet`/`is_verbose`)."""
+    _root().setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    _verbosity.update(quiet=quiet, verbose=verbose)
+
+
+def is_quiet() -> bool:
+    return _verbosity["quiet"]
+
+
+def is_verbose() -> bool:
+    return _verbosity["verbose"]
+
+
+def format_duration(seconds: float) -> str:
+    """"45 s", "3 min 20 s", "2 h 05 min": how long something took or will take, to the precision that matters."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
 
 
 def print_json(obj) -> None:
@@ -91,4 +116,5 @@ def nonfinite_keys(obj, path: str = "") -> list[str]:
     return []
 
 
-__all__ = ["logger", "echo", "warn", "error", "set_verbosity", "print_json", "nonfinite_keys"]
+__all__ = ["logger", "echo", "warn", "error", "set_verbosity", "print_json", "nonfinite_keys", "format_duration",
+           "is_quiet", "is_verbose"]

@@ -10,13 +10,16 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import socket
 from collections.abc import Iterator
 from typing import Any
 
 import ray
+from ray._private import ray_logging
 
 from dcdit.errors import DCDiTError
+from dcdit_platform import console
 
 # Ray Train V2's placement-group cleaner finds the State API by auto-detecting "the" Ray of its machine, which fails
 # when several run there (tests, shared hosts). An embedded cluster with a dashboard points it at its own.
@@ -48,9 +51,11 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, dash
         return
     target = target_address(address)
     saved = os.environ.get(API_SERVER_ENV)
+    if console.is_quiet():  # scripts: not even the workers' lines (they stay in Ray's session logs)
+        init_kwargs["log_to_driver"] = False
     try:
         if target:
-            ray.init(address=target, logging_level="warning", **init_kwargs)
+            context = ray.init(address=target, logging_level="warning", **init_kwargs)
         else:
             local: dict[str, Any] = {"include_dashboard": dashboard}
             if dashboard:
@@ -58,18 +63,48 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, dash
                 # Set before ray.init so the raylet, and every worker it starts, inherits it.
                 os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
                 local.update(dashboard_host="127.0.0.1", dashboard_port=port)
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, logging_level="warning",
-                     **local, **init_kwargs)
+            context = ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
+                               logging_level="warning", **local, **init_kwargs)
     except Exception as err:  # noqa: BLE001 - connection problems come in many types
         _restore_env(API_SERVER_ENV, saved)
         where = f"the Ray cluster at {target}" if target else "a local Ray"
         raise DCDiTError(f"cannot start or connect to {where}: {' '.join(str(err).split())[:200]} ({TOKEN_HINT})"
                          ) from None
+    if not console.is_verbose():
+        hide_ray_internal_lines()
+    if getattr(context, "dashboard_url", None) and (dashboard or target):
+        console.logger("ray").info("dcdit: Ray dashboard at http://%s (while this command runs)",
+                                   context.dashboard_url)
     try:
         yield True
     finally:
         ray.shutdown()
         _restore_env(API_SERVER_ENV, saved)
+
+
+# What Ray's C++ core writes to a worker's stderr ("[2026-11-30 14:18:07,293 E 3349 3408] core_worker.cc:2465: Actor
+# with class name: 'PreemptionWatcher' ..."): Ray's business, not the user's, but forwarded to the driver with the
+# workers' own output.
+RAY_INTERNAL_LINE = re.compile(r"\s*\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z] \d+ \d+\] [\w./-]+\.(?:cc|h):\d+:")
+
+
+def hide_ray_internal_lines() -> None:
+    """Keep Ray's internal log lines (RAY_INTERNAL_LINE) out of this driver's terminal; they stay in the session's
+    worker-*.err files. Ray prints the workers' forwarded output through one handler of its stdstream dispatcher
+    (no public hook exists): it is wrapped once with a filter. Does nothing when Ray forwards no worker output."""
+    dispatcher = ray_logging.global_worker_stdstream_dispatcher
+    for name, handler in list(dispatcher.handlers):
+        if name != "ray_print_logs" or getattr(handler, "hides_ray_lines", False):
+            continue
+
+        def filtered(data: dict, _print=handler) -> None:
+            lines = [line for line in data.get("lines", []) if not RAY_INTERNAL_LINE.match(line)]
+            if lines:
+                _print({**data, "lines": lines})
+
+        filtered.hides_ray_lines = True
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, filtered)
 
 
 def free_port() -> int:

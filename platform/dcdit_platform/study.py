@@ -29,7 +29,7 @@ from dcdit_platform.sweeps.trials import name_part
 DEFAULT_OUT = "dcdit-study"  # --out
 UPCYCLE_FILE = "upcycle.yaml"  # next to the sweep file
 SWEEP_COPY = "sweep.yaml"  # {out}/sweep.yaml: the sweep this study ran (the packaged one plus the size knobs)
-_EVAL_KEY = re.compile(r"eval/[^/]+/(fd|fid)$")  # the distance of an evaluation without a tail-drop sweep
+_EVAL_KEY = re.compile(r"eval/(?:[^/]+/)?(fd|fid)$")  # a distance without a tail-drop sweep (eval/fd: the default)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,14 +9,11 @@ Train worker (whose working directory Ray changes) and in a Tune trial.
 from __future__ import annotations
 
 import contextlib
-import functools
-import getpass
 import io
+import json
 import math
 import os
-import socket
 import sqlite3
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -25,18 +22,21 @@ from typing import Any, TypeVar
 
 import requests
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from PIL import Image
 
-import dcdit
 from dcdit.errors import DCDiTError
 from dcdit_platform.config import flatten
+from dcdit_platform.run_tags import code_tags
 from dcdit_platform.secrets import REDACTED, is_secret_name, redact, register_secret, split_credentials
 
 T = TypeVar("T")
 
 RUN_NAME_TAG = "dcdit.run_name"
 PARENT_TAG = "mlflow.parentRunId"
+# The slug of a run's default evaluation protocol, whose metrics have the stable keys eval/fd, eval/fid, ...
+EVAL_PROTOCOL_TAG = "dcdit.eval_protocol"
 PROGRESS_METRIC = "train/loss"  # logged at every logging step: its last step is the run's logged progress
 
 # --- URIs ----------------------------------------------------------------------------------------------------------
@@ -76,47 +76,6 @@ def local_artifact_root(tracking_uri: str) -> str | None:
         db = Path(tracking_uri[len("sqlite:///"):])
         return (db.parent / "mlartifacts").as_uri()
     return None
-
-
-# --- tags ----------------------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=1)
-def code_tags() -> dict[str, str]:
-    """Code version, git commit (and whether the tree is dirty), host, user and source (MLflow's own tags, which
-    its low-level client leaves unset: the UI's User and Source columns), for every run."""
-    tags = {"dcdit.version": getattr(dcdit, "__version__", "unknown"), "dcdit.host": socket.gethostname(),
-            "mlflow.user": _user(), "mlflow.source.name": _source_name(), "mlflow.source.type": "LOCAL"}
-    repo = Path(dcdit.__file__).resolve().parent.parent
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if commit:
-        tags["dcdit.git_commit"] = tags["mlflow.source.git.commit"] = commit
-        tags["dcdit.git_dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
-    else:
-        tags["dcdit.git_commit"] = "unknown"
-    return tags
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
-        return "unknown"
-
-
-def _source_name() -> str:
-    """`dcdit train` for the CLI (its sub-command named), else the script that started the process."""
-    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
-    if program == "dcdit" and len(sys.argv) > 1:
-        return f"dcdit {sys.argv[1]}"
-    return program
 
 
 # --- the client ----------------------------------------------------------------------------------------------------
@@ -296,12 +255,15 @@ class Tracker:
         if items:
             self._call("set tags", lambda: self.client.log_batch(run_id, tags=items, synchronous=True))
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        self.log_metric_records(run_id, [{"step": step, "metrics": metrics}])
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int,
+                    dataset: tuple[str, str] | None = None) -> None:
+        self.log_metric_records(run_id, [{"step": step, "metrics": metrics}], dataset)
 
-    def log_metric_records(self, run_id: str, records: list[dict]) -> None:
-        """Log [{"step": s, "metrics": {name: value}}, ...] in batches of 1000 values. Every value must be finite:
-        a NaN in MLflow would read as a measurement (DCDiTError naming the metric instead)."""
+    def log_metric_records(self, run_id: str, records: list[dict], dataset: tuple[str, str] | None = None) -> None:
+        """Log [{"step": s, "metrics": {name: value}}, ...] in batches of 1000 values, measured on `dataset`
+        (name, digest) when given. Every value must be finite: a NaN in MLflow would read as a measurement
+        (DCDiTError naming the metric instead)."""
+        name, digest = dataset or (None, None)
         now = int(time.time() * 1000)
         items = []
         for record in records:
@@ -310,7 +272,8 @@ class Tracker:
                     continue
                 if not math.isfinite(float(value)):
                     raise DCDiTError(f"metric {key}={value} at step {record['step']} is not finite; not logged")
-                items.append(Metric(key, float(value), now, int(record["step"])))
+                items.append(Metric(key, float(value), now, int(record["step"]), dataset_name=name,
+                                    dataset_digest=digest))
         for i in range(0, len(items), 1000):
             chunk = items[i:i + 1000]
             self._call("log metrics", lambda: self.client.log_batch(run_id, metrics=chunk, synchronous=True))
@@ -326,6 +289,21 @@ class Tracker:
 
     def log_artifact(self, run_id: str, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._call("log artifact", lambda: self.client.log_artifact(run_id, str(local_path), artifact_path))
+
+    def log_image(self, run_id: str, path: str | os.PathLike, key: str, step: int) -> None:
+        """A PNG as an MLflow image with a key and step: the UI's image view steps through it with a slider."""
+        with Image.open(path) as image:
+            picture = image.convert("RGB")
+        self._call("log image", lambda: self.client.log_image(run_id, picture, key=key, step=int(step),
+                                                              synchronous=True))
+
+    def log_dataset(self, run_id: str, *, name: str, digest: str, source: str, context: str) -> None:
+        """A run input (the UI's Datasets column): what was trained on or evaluated against, by name and digest;
+        `context` is MLflow's "training", "evaluation", ... Logging the same dataset again is a no-op."""
+        source_type = source.split("://", 1)[0] if "://" in source else "local"
+        dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps({"uri": source}))
+        entry = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+        self._call("log input", lambda: self.client.log_inputs(run_id, [entry]))
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """A text artifact, redacted."""
@@ -385,4 +363,5 @@ def flat_params(config: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["Tracker", "TrackingUnavailable", "default_tracking_uri", "resolve_tracking_uri", "TRACKING_ENV",
-           "local_artifact_root", "code_tags", "flat_params", "RUN_NAME_TAG", "PARENT_TAG", "PROGRESS_METRIC"]
+           "local_artifact_root", "code_tags", "flat_params", "RUN_NAME_TAG", "PARENT_TAG", "PROGRESS_METRIC",
+           "EVAL_PROTOCOL_TAG"]

@@ -97,7 +97,9 @@ def test_quickstart_json_and_mlflow_agree(quickstart):
         evaluation = record["evaluation"]
         assert record["status"] == "FINISHED" and evaluation["num_samples"] == 16 and evaluation["step"] == 6
         assert record["metrics"]["eval/fd"] == runs[name]["fd"]
-        assert child.data.metrics[f"eval/{evaluation['slug']}/fd"] == record["metrics"]["eval/fd"]
+        # The sweep's protocol is each run's default: its FD has the stable key, one column for every run.
+        assert child.data.tags["dcdit.eval_protocol"] == evaluation["slug"]
+        assert child.data.metrics["eval/fd"] == record["metrics"]["eval/fd"]
         assert {k for k in record["metrics"] if k.startswith("eval/")} <= {
             "eval/fd", "eval/kd_mean", "eval/kd_std", "eval/precision", "eval/recall", "eval/class_accuracy"}
         assert Path(evaluation["result_uri"]).is_file()

@@ -22,8 +22,9 @@ from dcdit_platform import console
 from dcdit_platform.evaluation.actors import GenerateTask, ModelSpec, eval_actors
 from dcdit_platform.evaluation.extractors import ExtractorSpec, prepare_extractor
 from dcdit_platform.evaluation.metrics import Collected, compute_metrics
-from dcdit_platform.evaluation.outputs import GRID_IMAGES, PlanResult, SampleKeeper, publish
+from dcdit_platform.evaluation.outputs import GRID_IMAGES, PlanResult, SampleKeeper, progress_logger, publish
 from dcdit_platform.evaluation.pool import ActorPool
+from dcdit_platform.evaluation.progress import Progress
 from dcdit_platform.evaluation.protocol import EvalConfig, protocol_record, protocol_slug, shards_of
 from dcdit_platform.evaluation.references import Reference, resolve_reference
 from dcdit_platform.evaluation.sources import Geometry, domain_source, evaluation_reference, generation_geometry
@@ -65,8 +66,9 @@ def evaluate(cfg: EvalConfig, *, on_event: Callable[[dict], None] | None = None,
             echo(f"{workers} actor(s) on {'GPU' if gpu else 'CPU'}; checkpoint {ckpt.uri} (step {ckpt.step})")
             reference = resolve_reference(ref_spec, synthetic_params, spec, storage, pool, cfg, geometry.image_size,
                                           metrics, echo=echo)
-            runs = [_evaluate_plan(cfg, plan, pool, geometry, reference, spec, metrics, echo=echo)
-                    for plan in plans]
+            on_progress = progress_logger(cfg, ckpt, echo)
+            runs = [_evaluate_plan(cfg, plan, pool, geometry, reference, spec, metrics, echo=echo,
+                                   on_progress=on_progress) for plan in plans]
             failures = pool.failures
 
     protocol = protocol_record(cfg, ckpt, geometry, spec, reference=reference.label,
@@ -119,8 +121,10 @@ def _actor_count(cfg: EvalConfig, echo: Callable[[str], None]) -> tuple[int, boo
 
 
 def _evaluate_plan(cfg: EvalConfig, plan: SamplingPlan, pool: ActorPool, geometry: Geometry, reference: Reference,
-                   spec: ExtractorSpec, metrics: set[str], *, echo: Callable[[str], None]) -> PlanResult:
-    """Generate the samples of one plan on the actors, merge their statistics, and compute the metrics."""
+                   spec: ExtractorSpec, metrics: set[str], *, echo: Callable[[str], None],
+                   on_progress: Callable[[int, float], None] | None = None) -> PlanResult:
+    """Generate the samples of one plan on the actors, merge their statistics, and compute the metrics; progress
+    with an ETA on `echo` (and `on_progress`) as shards come back."""
     started = time.perf_counter()
     export = cfg.export_path(plan.rho)
     keep = []  # per-image features the metrics need
@@ -136,10 +140,13 @@ def _evaluate_plan(cfg: EvalConfig, plan: SamplingPlan, pool: ActorPool, geometr
     echo(f"generating {cfg.num_samples} samples ({plan.sampler} {plan.steps} steps, cfg {plan.cfg_scale}"
          f"{', Lite-CFG' if plan.lite_cfg else ''}{rho_text}) in {len(tasks)} shards")
     merged = Collected()
+    progress = Progress(cfg.num_samples, "samples generated and their features extracted:", echo,
+                        on_update=on_progress)
     with SampleKeeper(export, cfg.num_samples, geometry.num_classes) as samples:
         for result in pool.run(tasks):
             samples.add(result.images)
             merged.add(result)
+            progress.advance(tasks[result.shard].stop - tasks[result.shard].start)
         exported = samples.close()
     seconds = time.perf_counter() - started
     values = compute_metrics(merged, reference, spec, metrics, geometry.num_classes, cfg.num_samples)

@@ -1,6 +1,7 @@
 """Where an evaluation's results go: the images kept while sampling (the sample grid, the --export-npz batch), the
 result JSON, sample grids and elastic-inference curve next to the run in storage, and the checkpoint's MLflow run
-(metrics at the checkpoint's step, protocol as params, figures and the result as artifacts, under eval/<slug>/).
+(metrics at the checkpoint's step: stable keys eval/fd, eval/fid, ... for the run's default protocol, eval/<slug>/...
+for others; the protocol as params and as a dataset input; figures as images and artifacts under eval/<slug>/).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dcdit.viz import sample_grid
 from dcdit_platform.evaluation.npz_files import NpzSampleWriter
 from dcdit_platform.evaluation.protocol import PROTOCOL_PARAMS, EvalConfig
 from dcdit_platform.runs import LoadedCheckpoint
-from dcdit_platform.tracking import TRACKING_ENV, Tracker, resolve_tracking_uri
+from dcdit_platform.tracking import EVAL_PROTOCOL_TAG, TRACKING_ENV, Tracker, resolve_tracking_uri
 
 RESULTS_DIR = "evaluations"  # {storage}/{run name}/evaluations/{checkpoint}/{slug}.json
 GRID_IMAGES = 64  # samples shown in a result's sample grid
@@ -127,16 +128,21 @@ def elastic_curve(summary: dict, path: str) -> Path:
 
 def log_to_mlflow(cfg: EvalConfig, ckpt: LoadedCheckpoint, slug: str, summary: dict, figures: list[Path | None], *,
                   echo: Callable[[str], None]) -> bool:
-    """Metrics (at the checkpoint's step), protocol (as params) and figures into the checkpoint's MLflow run, under
-    `eval/<slug>/...`; False when the checkpoint records no run. The run's status is left alone (it may still be
-    training)."""
+    """Metrics (at the checkpoint's step), protocol (as params and as the run's evaluation dataset) and figures into
+    the checkpoint's MLflow run; False when the checkpoint records no run. The run's status is left alone (it may
+    still be training). Metrics of the run's default protocol (`default_protocol`) have stable keys (eval/fd,
+    eval/fid, ...: one column in MLflow's compare view for every run evaluated alike); other protocols keep theirs
+    under eval/<slug>/. Figures and the result JSON go under eval/<slug>/ either way."""
     if not ckpt.mlflow_run_id:
         echo("warning: the checkpoint records no MLflow run (state.json mlflow_run_id); results are in storage only")
         return False
     tracker = Tracker(_tracking_uri(cfg, ckpt.config), retry_timeout_s=ckpt.config.tracking.retry_timeout_s)
     run_id = ckpt.mlflow_run_id
-    tracker.get_run(run_id)  # a one-line error when the server does not know the run
-    prefix = f"eval/{slug}"
+    run = tracker.get_run(run_id)  # a one-line error when the server does not know the run
+    digest = slug.rsplit("-", 1)[-1]
+    tracker.log_dataset(run_id, name=slug, digest=digest, source=str(summary["reference"]), context="evaluation")
+    prefix = "eval" if default_protocol(tracker, run, slug, summary) else f"eval/{slug}"
+    summary["mlflow_prefix"] = prefix
     tracker.log_params(run_id, {f"{prefix}/{k}": v for k, v in summary.items() if k in PROTOCOL_PARAMS})
     entries = summary["sweep"] if "sweep" in summary else [summary]
     for entry in entries:
@@ -144,12 +150,50 @@ def log_to_mlflow(cfg: EvalConfig, ckpt: LoadedCheckpoint, slug: str, summary: d
         numbers = {f"{sub}/{k}": v for k, v in entry.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in PROTOCOL_PARAMS
                    and k not in ("rho", "step", "workers", "actor_failures") and math.isfinite(float(v))}
-        tracker.log_metrics(run_id, numbers, int(ckpt.step or 0))
+        tracker.log_metrics(run_id, numbers, int(ckpt.step or 0), dataset=(slug, digest))
     for path in figures:
         if path is not None:
-            tracker.log_artifact(run_id, path, prefix)
-    tracker.log_text(run_id, json.dumps(summary, indent=1, sort_keys=True, default=str), f"{prefix}/result.json")
+            tracker.log_artifact(run_id, path, f"eval/{slug}")
+            tracker.log_image(run_id, path, f"eval/{slug}/{path.stem}", int(ckpt.step or 0))
+    tracker.log_text(run_id, json.dumps(summary, indent=1, sort_keys=True, default=str), f"eval/{slug}/result.json")
     return True
+
+
+def progress_logger(cfg: EvalConfig, ckpt: LoadedCheckpoint,
+                    echo: Callable[[str], None]) -> Callable[[int, float], None] | None:
+    """A callback logging the evaluation's progress into the checkpoint's MLflow run (eval_progress/samples and
+    eval_progress/eta_s, at the count of samples done), or None when the evaluation is not tracked. An MLflow
+    failure here costs only the progress metrics, never the evaluation."""
+    if not (cfg.track and ckpt.mlflow_run_id):
+        return None
+    tracker = Tracker(_tracking_uri(cfg, ckpt.config), retry_timeout_s=5.0)
+    failed = []
+
+    def log(done: int, eta_s: float) -> None:
+        if failed:
+            return
+        try:
+            tracker.log_metrics(ckpt.mlflow_run_id, {"eval_progress/samples": done, "eval_progress/eta_s": eta_s},
+                                done)
+        except DCDiTError as err:
+            failed.append(err)
+            echo(f"warning: progress not logged to MLflow: {err}")
+
+    return log
+
+
+def default_protocol(tracker: Tracker, run, slug: str, summary: dict) -> bool:
+    """Whether `slug` is the run's default protocol: the first evaluation of the whole model (no tail drop, not a
+    sweep) claims it (tag EVAL_PROTOCOL_TAG, param eval/protocol), so later evaluations of other protocols cannot
+    move the stable keys to different numbers."""
+    if "sweep" in summary or summary.get("rho") is not None:
+        return False
+    claimed = run.data.tags.get(EVAL_PROTOCOL_TAG)
+    if claimed is None:
+        tracker.set_tags(run.info.run_id, {EVAL_PROTOCOL_TAG: slug})
+        tracker.log_params(run.info.run_id, {"eval/protocol": slug})
+        return True
+    return claimed == slug
 
 
 def _tracking_uri(cfg: EvalConfig, config) -> str:
@@ -181,7 +225,8 @@ def format_table(summary: dict) -> str:
     if summary.get("export_npz"):
         lines.append(f"  samples: {summary['export_npz']}")
     if summary.get("mlflow_logged"):
-        lines.append(f"  MLflow run {summary['mlflow_run_id']} (under eval/{summary['slug']}/)")
+        lines.append(f"  MLflow run {summary['mlflow_run_id']} (metrics {summary['mlflow_prefix']}/..., figures under "
+                     f"eval/{summary['slug']}/)")
     return "\n".join(lines)
 
 

@@ -18,10 +18,11 @@ from dcdit_platform.config import parse_yaml
 from dcdit_platform.reports.protocols import protocol_of
 from dcdit_platform.reports.ranking import group_by_protocol
 from dcdit_platform.reports.records import Evaluation, RunRow, Sweep, file_slug
-from dcdit_platform.tracking import PARENT_TAG, RUN_NAME_TAG, Tracker
+from dcdit_platform.tracking import EVAL_PROTOCOL_TAG, PARENT_TAG, RUN_NAME_TAG, Tracker
 
 KEPT_BUCKET = re.compile(r"router/kept_fraction_t(\d+)_(\d+)$")
 EVAL_METRIC = re.compile(r"eval/(?P<slug>[^/]+)/(?:rho(?P<rho>[0-9.eE+-]+)/)?(?P<key>[^/]+)$")
+STABLE_EVAL = re.compile(r"eval/(?P<key>[^/]+)$")  # the run's default protocol (tag EVAL_PROTOCOL_TAG names it)
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 HISTORIES = ("train/loss", "train/diffusion_loss", "router/kept_fraction", "router/compression_effective",
              "router/compression_natural", "train/ratio_loss", "optim/router_grad_norm")
@@ -99,12 +100,15 @@ def run_row(tracker: Tracker, run) -> RunRow:
         steps=_last_step(tracker, run.info.run_id, "train/loss"), images_per_s=metrics.get("perf/images_per_s"),
         diffusion_loss=metrics.get("train/diffusion_loss"), config=config, tags=dict(tags))
     row.evaluations = evaluations_of(run)
-    # A distance per evaluated checkpoint (logged at its step): the quality curve of the run.
-    curves = {f"eval/{e.slug}/{e.distance}" for e in row.evaluations if e.rho is None}
-    for key in [*HISTORIES, *sorted(curves)]:
+    # A distance per evaluated checkpoint (logged at its step): the quality curve of the run, filed under
+    # eval/<slug>/<distance> whether MLflow holds it there or under the default protocol's stable key.
+    default = tags.get(EVAL_PROTOCOL_TAG)
+    curves = {f"eval/{e.slug}/{e.distance}": f"eval/{e.distance}" if e.slug == default else
+              f"eval/{e.slug}/{e.distance}" for e in row.evaluations if e.rho is None}
+    for name, key in [*((k, k) for k in HISTORIES), *sorted(curves.items())]:
         if key in metrics:
-            row.histories[key] = [(m.step, m.value) for m in sorted(tracker.metric_history(run.info.run_id, key),
-                                                                      key=lambda m: (m.step, m.timestamp))]
+            row.histories[name] = [(m.step, m.value) for m in sorted(tracker.metric_history(run.info.run_id, key),
+                                                                       key=lambda m: (m.step, m.timestamp))]
     row.kept_by_t = kept_by_timestep(tracker, run)
     return row
 
@@ -161,26 +165,38 @@ def _last_step(tracker: Tracker, run_id: str, key: str) -> int | None:
     return max((m.step for m in history), default=None)
 
 
+def _eval_key(key: str, default: str | None) -> tuple[str, str | None, str] | None:
+    """(slug, rho, name) of an evaluation metric or param: eval/<slug>/[rho<r>/]<name>, or eval/<name> of the
+    run's default protocol `default` (runs evaluated before stable keys have none)."""
+    match = EVAL_METRIC.fullmatch(key)
+    if match:
+        return match.group("slug"), match.group("rho"), match.group("key")
+    match = STABLE_EVAL.fullmatch(key)
+    return (default, None, match.group("key")) if match and default else None
+
+
 def evaluations_of(run) -> list[Evaluation]:
-    """The run's `eval/<slug>/...` metrics and params, one Evaluation per (slug, rho)."""
+    """The run's evaluation metrics and params (eval/<slug>/... and the default protocol's eval/...), one Evaluation
+    per (slug, rho)."""
+    default = run.data.tags.get(EVAL_PROTOCOL_TAG)
     entries: dict[tuple[str, str | None], Evaluation] = {}
     protocols: dict[str, dict[str, str]] = {}
     for key, value in run.data.params.items():
-        match = EVAL_METRIC.fullmatch(key)
-        if match and not match.group("rho"):
-            protocols.setdefault(match.group("slug"), {})[match.group("key")] = value
+        parsed = _eval_key(key, default)
+        if parsed and not parsed[1]:
+            protocols.setdefault(parsed[0], {})[parsed[2]] = value
     for key, value in run.data.metrics.items():
-        match = EVAL_METRIC.fullmatch(key)
-        if not match:
+        parsed = _eval_key(key, default)
+        if not parsed:
             continue
-        slug, rho = match.group("slug"), match.group("rho")
+        slug, rho, name = parsed
         entry = entries.get((slug, rho))
         if entry is None:
             params = protocols.get(slug, {})
             rho_value = _float(rho) if rho is not None else _float(parse_value(params.get("rho")))
             entry = entries[(slug, rho)] = Evaluation(slug=slug, rho=rho_value, protocol=protocol_of(params),
                                                       metrics={}, checkpoint=params.get("checkpoint"))
-        entry.metrics[match.group("key")] = value
+        entry.metrics[name] = value
     out = [e for e in entries.values() if e.distance]
     return sorted(out, key=lambda e: (e.slug, e.rho if e.rho is not None else -1))
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import socket
 import time
@@ -21,6 +23,7 @@ import torch
 import yaml
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from dcdit.data import read_manifest
 from dcdit.errors import DCDiTError
 from dcdit.models import family_of
 from dcdit_platform import console
@@ -125,6 +128,7 @@ def open_run(plan: RunPlan, echo: Callable[[str], None]) -> OpenedRun:
     tracker.set_tags(run_id, {"dcdit.config_hash": config_hash, "dcdit.storage": redact(plan.run_uri),
                               "dcdit.model": config.model_preset or config.model.arch,
                               **({"dcdit.init_from": redact(config.train.init_from)} if config.is_upcycling else {})})
+    tracker.log_dataset(run_id, **training_dataset(config), context="training")
     if record is None:
         tracker.log_text(run_id, yaml.safe_dump(safe_config, sort_keys=False), "config/resolved.yaml")
         write_run_record(plan.storage, name, {
@@ -167,6 +171,22 @@ def applicable_config(config: ExperimentConfig, safe_config: dict) -> dict:
             train.pop(key, None)
     tree["train"] = train
     return tree
+
+
+def training_dataset(config: ExperimentConfig) -> dict:
+    """The run's training data as an MLflow dataset input: a prepared dataset by its manifest's fingerprint (which
+    `dcdit prepare-data` derives from every shard's content), the synthetic data by its generator's settings."""
+    d = config.data
+    if d.is_synthetic:
+        spec = {"seed": config.data_seed, "image_size": d.image_size, "num_classes": d.num_classes,
+                "num_samples": d.num_samples}
+        source = "synthetic:" + ",".join(f"{k}={v}" for k, v in spec.items())
+        return {"name": "synthetic", "digest": hashlib.sha256(source.encode()).hexdigest()[:16], "source": source}
+    storage = open_storage(d.source, config.storage.options() or None)
+    manifest = read_manifest(storage.root, filesystem=storage.filesystem, name=redact(d.source))
+    digest = manifest.source.get("fingerprint") or hashlib.sha256(
+        json.dumps(dataclasses.asdict(manifest), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"name": redact(d.source).rstrip("/").rsplit("/", 1)[-1], "digest": digest, "source": redact(d.source)}
 
 
 def _pick_checkpoint(plan: RunPlan, echo: Callable[[str], None]) -> tuple[str, dict] | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch.nn as nn
 
 from dcdit.errors import DCDiTError
 from dcdit_platform.config import ExperimentConfig
+from dcdit_platform.console import format_duration
 from dcdit_platform.tracking import Tracker, TrackingUnavailable
 from dcdit_platform.training.artifacts import write_artifacts
 from dcdit_platform.training.runtime import Runtime
@@ -26,6 +29,7 @@ from dcdit_platform.training.runtime import Runtime
 # A logger, not print: Ray Train patches print into its logger and can echo it twice.
 _progress = logging.getLogger("dcdit.train")
 
+SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's monitor samples CPU, memory, disk, network (and GPU) this often
 CALL_BUDGET_S = 5.0  # how long one logging call retries before its metrics wait in the buffer
 RETRY_START_S = 2.0  # the first pause between two flush attempts during an outage, doubled after each failure
 RETRY_MAX_S = 60.0  # the longest pause
@@ -74,11 +78,23 @@ class StepLogger:
             self.tracker = Tracker(tracking_uri, retry_timeout_s=min(CALL_BUDGET_S, config.tracking.retry_timeout_s))
             self.buffer = MetricBuffer(staging / PENDING_FILE, carried)
         self.start = start
+        self.tracking_uri = tracking_uri
+        self.monitor = None
 
     def connect(self) -> None:
-        """Rank 0: learn which steps MLflow holds and tag this start (later, when the server is away now)."""
+        """Rank 0: learn which steps MLflow holds and tag this start (later, when the server is away now), and
+        start MLflow's system metrics monitor."""
         if self.tracker is not None:
             self._connect()
+            if self.known:  # not during an outage: the monitor's first request would wait for the server
+                self.monitor = start_system_metrics(self.run_id, self.tracking_uri, self.name)
+
+    def close(self) -> None:
+        """Stop the system metrics monitor (its last samples are logged)."""
+        if self.monitor is not None:
+            with contextlib.suppress(Exception):  # noqa: BLE001 - best effort: the server may be what failed
+                self.monitor.finish()
+            self.monitor = None
 
     def _connect(self) -> None:
         """Learn what MLflow holds and tag this start; during an outage, only remember to do so."""
@@ -155,6 +171,8 @@ class StepLogger:
             try:
                 for path in write_artifacts(ema, self.config, step, runtime, tmp):
                     self.tracker.log_artifact(self.run_id, path, "samples")
+                    # Also as an image keyed by what it shows: the UI steps through a run's images by step.
+                    self.tracker.log_image(self.run_id, path, Path(path).name.split("_step")[0], step)
             except TrackingUnavailable as err:
                 _progress.warning("[%s] samples of step %d not logged: %s", self.name, step, err)
 
@@ -166,9 +184,31 @@ class StepLogger:
             self.tracker.set_tags(self.run_id, {"dcdit.error": message})
 
 
+def start_system_metrics(run_id: str, tracking_uri: str, name: str):
+    """MLflow's SystemMetricsMonitor on this node (the run's system/<host>/... metrics, the UI's System metrics
+    tab), unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is false; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides
+    the interval. None when it cannot start (no psutil, or the server is away): training does not depend on it."""
+    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() in ("false", "0", "no"):
+        return None
+    # Its start/stop lines and a stopped run's warnings would reach the terminal on every start.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+    try:  # imported here: it needs psutil, which an install may lack (then training goes on without it)
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=True,
+                                       node_id=socket.gethostname(), tracking_uri=tracking_uri)
+        monitor.start()
+    except Exception as err:  # noqa: BLE001 - ImportError without psutil, MlflowException during an outage
+        _progress.warning("[%s] no system metrics: %s", name, " ".join(str(err).split())[:200])
+        return None
+    return monitor
+
+
 def _log_progress(name: str, step: int, steps: int, metrics: dict) -> None:
     parts = [f"loss {metrics['train/loss']:.4f}"]
     if "router/compression_effective" in metrics:
         parts.append(f"compression {metrics['router/compression_effective']:.2f}")
     parts += [f"grad {metrics['optim/grad_norm']:.3f}", f"{metrics['perf/images_per_s']:.1f} img/s"]
+    if step < steps and "perf/step_time_s" in metrics:  # the steps left at the last window's pace
+        parts.append(f"ETA {format_duration((steps - step) * metrics['perf/step_time_s'])}")
     _progress.info("[%s] step %d/%d %s", name, step, steps, " ".join(parts))

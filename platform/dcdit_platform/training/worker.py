@@ -104,6 +104,8 @@ def run_worker(payload: WorkerPayload, session: Session) -> None:
     except DCDiTError as err:
         stop(f"{err}. Last good checkpoint: {checkpointer.last_good()}", logger)
     finally:
+        if logger is not None:
+            logger.close()
         reader.close()
         if distiller is not None:
             distiller.close()

@@ -91,10 +91,18 @@ def test_eval_json_export_storage_and_mlflow(baseline, setup):
     assert stored["fid"] == s["fid"] and os.path.exists(s["result_uri"][:-5] + ".png")
 
     run = setup["tracker"].client.get_run(setup["run_id"])
-    prefix = f"eval/{s['slug']}"
-    assert run.data.metrics[f"{prefix}/fid"] == pytest.approx(s["fid"], rel=1e-12)
-    assert run.data.params[f"{prefix}/num_samples"] == "8" and run.data.params[f"{prefix}/sampler"] == "ddim"
+    # The run's first evaluation: its protocol is the run's default, whose metrics have stable keys.
+    assert run.data.tags["dcdit.eval_protocol"] == s["slug"] and s["mlflow_prefix"] == "eval"
+    assert run.data.metrics["eval/fid"] == pytest.approx(s["fid"], rel=1e-12)
+    assert run.data.params["eval/num_samples"] == "8" and run.data.params["eval/sampler"] == "ddim"
     assert run.info.status == "RUNNING"  # the evaluator never changes the run's status
+    # Progress as shards of 2 of the 8 samples come back: a line per quarter on the terminal, and in MLflow.
+    progress = [line for line in baseline["stderr"].splitlines() if "samples generated" in line]
+    assert [line.split(": ", 2)[-1].split(" (")[0] for line in progress] == ["2/8", "4/8", "6/8", "8/8"]
+    assert all("ETA" in line for line in progress[:3]) and "(100%) in" in progress[3]
+    history = setup["tracker"].metric_history(setup["run_id"], "eval_progress/samples")
+    assert sorted(m.step for m in history) == [2, 4, 6, 8]
+    prefix = f"eval/{s['slug']}"
     artifacts = {a.path for a in setup["tracker"].client.list_artifacts(setup["run_id"], prefix)}
     assert {f"{prefix}/samples.png", f"{prefix}/result.json"} <= artifacts
 

@@ -62,6 +62,10 @@ def test_straight_run_checkpoints_logs_and_draws(store, straight):
     artifacts = {a.path for a in tracker.client.list_artifacts(summary["mlflow_run_id"], "samples")}
     assert {"samples/samples_step00000012.png", "samples/boundary_maps_step00000012.png",
             "samples/kept_fraction_step00000012.png"} <= artifacts
+    # The same pictures as MLflow images with a key and a step (files images/<key>+step+<step>+...).
+    images = [a.path for a in tracker.client.list_artifacts(summary["mlflow_run_id"], "images")]
+    for key in ("samples", "boundary_maps", "kept_fraction"):
+        assert any(p.startswith(f"images/{key}+step+12+") and p.endswith(".png") for p in images), (key, images)
 
 
 def test_stop_at_8_and_resume_to_12_is_exact(store, straight):
