@@ -83,9 +83,10 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, dash
 
 
 # What Ray's C++ core writes to a worker's stderr ("[2026-11-30 14:18:07,293 E 3349 3408] core_worker.cc:2465: Actor
-# with class name: 'PreemptionWatcher' ..."): Ray's business, not the user's, but forwarded to the driver with the
-# workers' own output.
-RAY_INTERNAL_LINE = re.compile(r"\s*\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z] \d+ \d+\] [\w./-]+\.(?:cc|h):\d+:")
+# with class name: 'PreemptionWatcher' ...") and Ray Train's record of every report ("Reporting training result 1:
+# TrainingReport(...)"): Ray's business, not the user's, but forwarded to the driver with the workers' own output.
+RAY_INTERNAL_LINE = re.compile(r"\s*(?:\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z] \d+ \d+\] [\w./-]+\.(?:cc|h):\d+:"
+                               r"|Reporting training result \d+: TrainingReport\()")
 
 
 def hide_ray_internal_lines() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -123,6 +124,8 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
         # Reports download a few small artifacts per run: MLflow's progress bars would bury the command's own lines.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # A new SQLite store announces its tables at INFO ("Creating initial MLflow database tables..."): noise.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         _, _, password = split_credentials(uri)
         register_secret(password)
         self.uri = uri

@@ -40,6 +40,11 @@ from PIL import Image
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
+def test_a_new_sqlite_store_is_created_quietly(tmp_path, capfd):
+    Tracker(f"sqlite:///{tmp_path}/quiet.db").experiment_id("dcdit")
+    assert "database tables" not in capfd.readouterr().err
+
+
 def test_every_command_resolves_the_tracking_uri_by_one_rule(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = str(tmp_path / "runs")
@@ -195,6 +200,7 @@ def test_an_embedded_ray_names_its_dashboard_and_keeps_its_own_log_lines_off_the
     @ray.remote
     def speak(marker: str) -> None:
         print(RAY_LINE, file=sys.stderr, flush=True)
+        print("Reporting training result 1: TrainingReport(checkpoint=None, metrics={})", file=sys.stderr, flush=True)
         print(marker, file=sys.stderr, flush=True)
 
     with ray_session(num_cpus=1, dashboard=True):
@@ -208,7 +214,7 @@ def test_an_embedded_ray_names_its_dashboard_and_keeps_its_own_log_lines_off_the
         logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
         kept = [f for f in logs.glob("worker-*.err") if RAY_LINE in f.read_text(errors="replace")]
     assert f"dcdit: Ray dashboard at {url} (while this command runs)" in seen
-    assert "core_worker.cc" not in seen and kept
+    assert "core_worker.cc" not in seen and "TrainingReport" not in seen and kept
 
 
 def test_quiet_and_verbose_are_every_commands_flags(capsys):
