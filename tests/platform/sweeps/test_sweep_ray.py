@@ -77,6 +77,13 @@ def mlflow_runs(uri: str, experiment: str):
     return client, parents[0], {r.info.run_name: r for r in children}
 
 
+def checkpoint_registered(run_dir: Path) -> bool:
+    """Whether Ray Train has taken a checkpoint the run reported: it lists it in the run folder's snapshot (within
+    its ~2 s polling interval after the report)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    return snapshot.is_file() and "checkpoint_dir_name" in snapshot.read_text()
+
+
 def check_summary(summary: dict, names: list[str], parent_id: str, storage: Path | str, sweep_name: str) -> None:
     from dcdit_platform.storage import open_storage
 
@@ -133,7 +140,8 @@ def test_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path
             return done() and ckpts and "DiT-tiny_2" not in done()
 
         wait_for(ready, 420, "a finished trial and a DiT checkpoint", proc, log1)
-        time.sleep(2.5)  # Ray Train registers a reported checkpoint within ~2 s (its polling interval)
+        wait_for(lambda: checkpoint_registered(root / "DiT-tiny_2"), 120, "Ray Train taking the DiT checkpoint",
+                 proc, log1)
     finally:
         kill_session(proc)  # the driver and the local Ray it started, trial processes included
     finished = done()
@@ -252,7 +260,8 @@ def test_two_node_cluster_runs_trials_on_both_nodes_and_survives_losing_one(tmp_
             return alive if alive and ckpts else None
 
         wait_for(busy_on_node2, 420, "a Train worker on the second node and a first checkpoint", proc, log)
-        time.sleep(2.5)
+        wait_for(lambda: any(checkpoint_registered(d) for d in (storage / "smoke-sweep").iterdir()), 120,
+                 "Ray Train taking a first checkpoint", proc, log)
         cluster.add_node(num_cpus=1)  # the spare that takes over the lost node's work
         cluster.remove_node(node2, allow_graceful=False)
         proc.wait(timeout=540)
@@ -273,6 +282,18 @@ def test_two_node_cluster_runs_trials_on_both_nodes_and_survives_losing_one(tmp_
         cluster.shutdown()
 
 
+def run_small_sweep(tmp_path: Path, mlflow_server, name: str, body: str) -> tuple[dict, str]:
+    """`dcdit sweep` of the smoke sweep with `body` (YAML) on top, in an MLflow experiment of its own, stored under
+    tmp_path/runs: (its JSON summary, the experiment's name)."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"_base_: {SMOKE}\nname: {name}\n{body}")
+    experiment = f"sweep-{name}-{uuid.uuid4().hex[:6]}"
+    done = subprocess.run(sweep_args(sweep, tmp_path / "runs", mlflow_server.uri, experiment), capture_output=True,
+                          text=True, env=cli_env(), timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return last_json(done.stdout), experiment
+
+
 # --- ASHA -----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(900)  # two trials one after the other: ~4 min on a loaded 2-core machine, 10 under load 30
@@ -280,21 +301,15 @@ def test_asha_stops_the_worse_trial_at_its_first_rung(tmp_path, mlflow_server):
     """One trial at a time, ranked by the learning rate each reports (max): the first trial is alone at every rung
     and finishes; the second reports a tenth of its learning rate at the first rung (step 1) and is below the
     rung's cut-off (the first trial's value), so ASHA stops it there."""
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(f"_base_: {SMOKE}\n"
-                     "name: asha\n"
-                     "overrides: {train.steps: 4, checkpoint.every: 1, logging.every: 1, logging.artifacts_every: -1,"
-                     " data.num_samples: 64}\n"
-                     "grid: {model.downsample_factor: [4], train.chunking.ratio_loss_weight: [0.03],"
-                     " train.lr: [0.001, 0.0001]}\n"
-                     "baselines: []\n"
-                     "max_concurrent_trials: 1\n"
-                     "scheduler: {type: asha, metric: optim/lr, mode: max, grace_period: 1, reduction_factor: 2}\n")
-    storage, experiment = tmp_path / "runs", f"sweep-asha-{uuid.uuid4().hex[:6]}"
-    done = subprocess.run(sweep_args(sweep, storage, mlflow_server.uri, experiment), capture_output=True, text=True,
-                          env=cli_env(), timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    trials = {t["overrides"]["train.lr"]: t for t in last_json(done.stdout)["trials"]}
+    body = ("overrides: {train.steps: 4, checkpoint.every: 1, logging.every: 1, logging.artifacts_every: -1,"
+            " data.num_samples: 64}\n"
+            "grid: {model.downsample_factor: [4], train.chunking.ratio_loss_weight: [0.03],"
+            " train.lr: [0.001, 0.0001]}\n"
+            "baselines: []\n"
+            "max_concurrent_trials: 1\n"
+            "scheduler: {type: asha, metric: optim/lr, mode: max, grace_period: 1, reduction_factor: 2}\n")
+    summary, _ = run_small_sweep(tmp_path, mlflow_server, "asha", body)
+    trials = {t["overrides"]["train.lr"]: t for t in summary["trials"]}
     assert trials[0.001]["status"] == "FINISHED", trials[0.001]
     assert trials[0.0001]["status"] == "STOPPED", trials[0.0001]
     assert trials[0.001]["checkpoint"].endswith("checkpoint_00000004")
@@ -305,22 +320,16 @@ def test_asha_stops_the_worse_trial_at_its_first_rung(tmp_path, mlflow_server):
 # --- load -----------------------------------------------------------------------------------------------------------
 
 def test_sixteen_tiny_trials_all_finish(tmp_path, mlflow_server):
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(f"_base_: {SMOKE}\n"
-                     "name: load16\n"
-                     # The load is the trials' Ray processes; their own work is kept to one checkpointed step.
-                     "overrides: {train.steps: 1, checkpoint.every: 1, logging.every: 1, logging.artifacts_every: -1,"
-                     " data.num_samples: 64}\n"
-                     "grid:\n"
-                     "  model.downsample_factor: [2, 4, 9, 16]\n"
-                     "  train.chunking.ratio_loss_weight: [0.01, 0.03, 0.1, 0.3]\n"
-                     "baselines: []\n"
-                     "resources: {num_workers: 1, cpus_per_worker: 0.3}\n")
-    storage, experiment = tmp_path / "runs", f"sweep-load-{uuid.uuid4().hex[:6]}"
-    done = subprocess.run(sweep_args(sweep, storage, mlflow_server.uri, experiment), capture_output=True, text=True,
-                          env=cli_env(), timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    summary = last_json(done.stdout)
+    # The load is the trials' Ray processes; their own work is kept to one checkpointed step.
+    body = ("overrides: {train.steps: 1, checkpoint.every: 1, logging.every: 1, logging.artifacts_every: -1,"
+            " data.num_samples: 64}\n"
+            "grid:\n"
+            "  model.downsample_factor: [2, 4, 9, 16]\n"
+            "  train.chunking.ratio_loss_weight: [0.01, 0.03, 0.1, 0.3]\n"
+            "baselines: []\n"
+            "resources: {num_workers: 1, cpus_per_worker: 0.3}\n")
+    summary, experiment = run_small_sweep(tmp_path, mlflow_server, "load16", body)
+    storage = tmp_path / "runs"
     names = [f"DC-DiT-tiny_N{n}_lam{lam}" for n in (2, 4, 9, 16) for lam in (0.01, 0.03, 0.1, 0.3)]
     client, parent, children = mlflow_runs(mlflow_server.uri, experiment)
     check_summary(summary, names, parent.info.run_id, storage, "load16")
