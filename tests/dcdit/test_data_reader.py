@@ -90,8 +90,10 @@ def test_cursor_restores_exactly_the_remaining_sequence():
 def test_cursor_is_the_position_of_the_last_batch_handed_out_not_of_prefetch():
     reader = DataReader(IndexSource(1000), batch_size=10, prefetch=8)
     next(reader)
-    time.sleep(0.2)  # let the prefetch thread run ahead
-    assert reader.cursor["position"] == 10
+    deadline = time.monotonic() + 60
+    while not reader._queue.full() and time.monotonic() < deadline:  # until the prefetch thread is 8 batches ahead
+        time.sleep(0.01)
+    assert reader._queue.full() and reader.cursor["position"] == 10
     reader.close()
 
 
