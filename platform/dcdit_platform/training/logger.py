@@ -90,10 +90,14 @@ class StepLogger:
                 self.monitor = start_system_metrics(self.run_id, self.tracking_uri, self.name)
 
     def close(self) -> None:
-        """Stop the system metrics monitor (its last samples are logged)."""
+        """Stop the system metrics monitor and log what it sampled since its last publication (its loop publishes
+        after a whole interval: a run shorter than that would otherwise have no system metrics at all)."""
         if self.monitor is not None:
             with contextlib.suppress(Exception):  # noqa: BLE001 - best effort: the server may be what failed
                 self.monitor.finish()
+                if samples := self.monitor.aggregate_metrics():
+                    self.monitor.publish_metrics(samples)
+                    self.monitor.mlflow_logger.flush()
             self.monitor = None
 
     def _connect(self) -> None:
