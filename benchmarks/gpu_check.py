@@ -127,17 +127,32 @@ def check_training(device: torch.device, args, peak_tflops: float) -> list[dict]
             if backend == "flash" and _flash_attn_version() is None:
                 rows.append(_row(label, None, "", "flash-attn not installed"))
                 continue
-            with attention_backend(backend):
-                case = build_case(name, "bf16", settings)
-                for _ in range(3):
-                    case.step()
-                seconds = _timed(case.step, device, args.train_steps)
-                loss = float(case.forward_loss())
-            rate = case.flops_per_step / seconds / 1e12
-            rows.append(_row(label, bool(np.isfinite(loss)), f"{rate:.1f} TFLOP/s",
-                             f"{seconds * 1e3:.1f} ms/step at batch {args.batch}, {rate / peak_tflops:.1%} of bf16 "
-                             f"peak, loss {loss:.4f}"))
+            rows.append(_guarded(label, lambda name=name, backend=backend, label=label: _train_row(
+                name, backend, label, settings, device, args, peak_tflops)))
     return rows
+
+
+def _train_row(name: str, backend: str, label: str, settings: BenchSettings, device: torch.device, args,
+               peak_tflops: float) -> dict:
+    with attention_backend(backend):
+        case = build_case(name, "bf16", settings)
+        for _ in range(3):
+            case.step()
+        seconds = _timed(case.step, device, args.train_steps)
+        loss = case.forward_loss().detach().item()
+    rate = case.flops_per_step / seconds / 1e12
+    return _row(label, bool(np.isfinite(loss)), f"{rate:.1f} TFLOP/s",
+                f"{seconds * 1e3:.1f} ms/step at batch {args.batch}, {rate / peak_tflops:.1%} of bf16 peak, "
+                f"loss {loss:.4f}")
+
+
+def _guarded(check: str, make_row) -> dict:
+    """The row `make_row` returns, or a FAIL row naming the exception, so that one failing check (never run on a
+    GPU before) does not hide the others."""
+    try:
+        return make_row()
+    except Exception as err:  # noqa: BLE001 - any failure is a result to print
+        return _row(check, False, "", f"{type(err).__name__}: {str(err).strip()[:240]}")
 
 
 def check_smoke_training(device: torch.device) -> dict:
@@ -219,8 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "cuda": torch.version.cuda, "flash_attn": _flash_attn_version()}
     matmul_row, peak = check_matmul(device, 8192 if device.type == "cuda" else 1024)
-    rows = [matmul_row, *check_attention(device), *check_training(device, args, peak),
-            check_smoke_training(device), *check_sampling(device, args)]
+    rows = [matmul_row]
+    for check, run in (("attention", lambda: check_attention(device)),
+                       ("training", lambda: check_training(device, args, peak)),
+                       ("dcdit train smoke, 1 GPU, NCCL", lambda: [check_smoke_training(device)]),
+                       ("sampling", lambda: check_sampling(device, args))):
+        result = _guarded(check, run)
+        rows += result if isinstance(result, list) else [result]
     header["seconds"] = round(time.perf_counter() - start, 1)
     if args.json:
         print(json.dumps({**header, "rows": rows}, sort_keys=True))

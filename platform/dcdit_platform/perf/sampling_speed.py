@@ -180,12 +180,12 @@ def run_sample_benchmark(args: SampleBenchSettings) -> dict:
         flop_saving = 1 - flop_ratio
         results.append({
             "case": case.label, "model": case.model_name, "guidance": case.guidance, "rho": case.rho,
-            "seconds_per_image": round(seconds, 4), "images_per_s": round(1 / seconds, 4),
+            "seconds_per_image": round(seconds, 6), "images_per_s": round(1 / seconds, 4),
             "gflops_per_image_measured": round(case.measured_flops / 1e9, 3),
             "gflops_per_image_analytic": round(case.analytic_flops / 1e9, 3),
             **({"gflops_per_image_analytic_at_kept": round(case.analytic_at_kept_flops / 1e9, 3),
                 "kept_fraction": round(case.kept_fraction, 4)} if case.kept_fraction is not None else {}),
-            "time_ratio": round(time_ratio, 4), "flop_ratio": round(flop_ratio, 4),
+            "time_ratio": round(time_ratio, 5), "flop_ratio": round(flop_ratio, 5),
             # Seconds per FLOP against the baseline's: defined for costlier cases too (1 = FLOPs became time).
             "time_per_flop_ratio": round(time_ratio / flop_ratio, 4),
             # None where there is no FLOP saving to measure against (the baseline itself, or a costlier case).
