@@ -152,7 +152,9 @@ def _check_outputs(work: Path, output: str) -> None:
     assert "synthetic data: FD in the features of the dcdit-synthetic-classifier" in output  # eval's default
     assert "not FID" in output  # fid's offline default, said in one line
     for path in ("dcdit-quickstart/report/report.html", "dcdit-reports/quickstart/report.html",
-                 "dcdit-reports/smoke/report.html", "dcdit-runs/smoke-samples-rho0.5.npz"):
+                 "dcdit-reports/smoke/report.html", "dcdit-runs/smoke-samples-rho0.5.npz",
+                 "dcdit-samples/smoke-step12/grid.png", "dcdit-samples/smoke-step12/class0002_seed1.png",
+                 "dcdit-runs/smoke-export/model.safetensors"):
         assert (work / path).is_file(), f"{path} is not where the README says"
     samples = re.search(r"samples and boundary maps: (\S+)", output)
     assert samples and any(Path(samples.group(1)).glob("boundary_maps_*.png")), "dcdit train's samples line"
