@@ -6,7 +6,8 @@
 #
 # Skips are counted and printed. A module whose tests all skipped fails the run (a missing service or package
 # would otherwise read as green), unless the module declares why in a line `ALL_SKIPPED_OK = "reason"`.
-# Ends with "N passed, N failed, N skipped".
+# A passing module prints its last 15 lines, a failing one its last 250 (CI shows only this output, and the
+# cause of a failure is in pytest's error section, above the summary). Ends with "N passed, N failed, N skipped".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
@@ -15,7 +16,7 @@ count() { echo "$1" | grep -oE "[0-9]+ $2" | grep -oE '[0-9]+' | awk '{s+=$1} EN
 for module in tests/dcdit $(find tests -name 'test_*.py' -not -path 'tests/dcdit/*' | sort); do
     echo "=== $module"
     out=$("$PY" -m pytest -q -p no:cacheprovider "$module" "$@" 2>&1); rc=$?
-    echo "$out" | tail -n 15
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then echo "$out" | tail -n 250; else echo "$out" | tail -n 15; fi
     summary=$(echo "$out" | tail -n 1)
     p=$(count "$summary" passed); f=$(count "$summary" '(failed|errors?)'); s=$(count "$summary" skipped)
     passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))

@@ -66,6 +66,10 @@ def restore(session: Session, payload: WorkerPayload, config: ExperimentConfig) 
     dirname = resume_point(session, payload)
     if session.rank == 0:
         prune_staging(session.staging, int(dirname.rsplit("_", 1)[1]) if dirname else 0)
+    # Every rank waits here until rank 0 has cleaned this machine's staging folder, where the ranks then download
+    # their copies: without the wait the clean-up deleted a copy another rank was reading (a restarted group on
+    # one machine failed with FileNotFoundError on MANIFEST.json).
+    agree(session, None)
     if dirname is None:
         return None
 
