@@ -14,8 +14,20 @@ import boto3
 import moto.server
 import pytest
 import ray
+import torch
 
 from dcdit_platform.raycluster import free_port
+
+
+# --- One intra-op thread (opt in with pytest.mark.usefixtures("one_thread")) -----------------------------------
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: faster for tiny models on a shared 2-core machine, and one summation
+    order whatever the core count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 # --- The user cache (~/.cache/dcdit: domain classifiers, weight copies) in a folder of the session ------------

@@ -29,12 +29,7 @@ except ImportError:  # not a declared dependency; only makes the comparison fast
         return contextlib.nullcontext()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process feature comparisons with one intra-op thread
 
 
 def run_json(capsys, *argv: str) -> dict:

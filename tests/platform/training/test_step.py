@@ -26,12 +26,7 @@ LR = 2e-3  # tiny_config's
 TOKENS = ("kept_tokens", "router_kept_tokens", "kept_tokens_sq")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # summation-order comparisons with one intra-op thread
 
 
 def split(accum: int, model: dict | None = None, **train) -> object:
