@@ -185,17 +185,20 @@ def test_cli_rejects_an_unknown_key_in_one_line_before_ray_starts():
 def test_memory_estimate_is_24_bytes_per_parameter_plus_the_activations_of_one_micro_batch():
     from dcdit.models import build_model
     from dcdit_platform.config.memory import training_memory
+    from dcdit_platform.perf.memory_measure import measure_step
 
     config = build_config(tiny_config(model={"arch": "dit", "patch_size": 2, "depth": 2, "hidden_size": 32,
                                              "num_heads": 2}))
     estimate = training_memory(config)
     params = sum(p.numel() for p in build_model(config.model).parameters())
     assert estimate.params == params and estimate.state == 24 * params
-    # By hand: micro-batch 4 (8 over 2 workers), 16 tokens (8x8 grid, patch 2), width 32, 2 heads, 2 blocks, fp32:
-    # per block 16 * 32 * 17 values + 2.5 * 2 * 16^2 attention values, 4 bytes each.
-    assert estimate.micro_batch == 4 and estimate.activations == 4 * 4 * 2 * (16 * 32 * 17 + 2.5 * 2 * 16**2)
+    # The activations are perf/memory.py's model of one micro-batch (4: 8 over 2 workers), which its own tests
+    # check against what autograd saves; here the refusal's figure agrees with a measured step of this config.
+    assert estimate.micro_batch == 4
+    measured = measure_step(config.model, 4, "fp32").saved
+    assert abs(estimate.activations / measured - 1) < 0.03
     bf16 = build_config({**config.to_dict(), "train": {**config.to_dict()["train"], "precision": "bf16"}})
-    assert training_memory(bf16).activations * 2 == estimate.activations
+    assert training_memory(bf16).activations < estimate.activations
 
 
 @pytest.mark.parametrize("text, message", [

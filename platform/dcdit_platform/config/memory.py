@@ -1,6 +1,6 @@
 """How much memory one training worker needs at the configured batch, estimated before anything is allocated: the
-training state per parameter plus the activations autograd keeps for one micro-batch. Rough by design (within a
-factor of about two): it is there to refuse a run that cannot fit, with the numbers, before Ray starts.
+training state per parameter plus the activations autograd keeps for one micro-batch, from the analytic model of
+dcdit_platform.perf.memory. It is there to refuse a run that cannot fit, with the numbers, before Ray starts.
 """
 
 from __future__ import annotations
@@ -8,15 +8,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from dcdit.models import count_params, family_of
-
-# fp32 weights, gradients, Adam's two moments, the EMA copy and DDP's gradient buckets: 6 x 4 bytes.
-STATE_BYTES_PER_PARAM = 24
-# Tensors autograd keeps per token and width in one transformer block (qkv, attention output, the 4x MLP, norms and
-# their inputs), counted as in Korthikanti et al. 2022 ("Reducing activation recomputation"), without dropout.
-BLOCK_VALUES_PER_TOKEN_WIDTH = 17
-# Per token and channel in one scaffold conv block (two norms, two activations, two convs and the skip).
-SCAFFOLD_VALUES_PER_TOKEN_WIDTH = 10
+from dcdit_platform.perf.memory import STATE_BYTES_PER_PARAM
+from dcdit_platform.perf.memory import training_memory as step_memory
 
 
 @dataclass(frozen=True)
@@ -34,22 +27,12 @@ class MemoryEstimate:
 
 
 def training_memory(config) -> MemoryEstimate:
-    """The estimate for one worker of `config` (an ExperimentConfig)."""
-    m = config.model
-    params = count_params(m)
-    b, e = config.micro_batch, 2 if config.train.precision == "bf16" else 4
-    grid = m.input_size ** 2
-    if family_of(m).routed:
-        tokens = max(1.0, grid / m.downsample_factor)  # the backbone runs on the kept tokens
-        widths = [max(a, c) for encoder in (True, False) for a, c in m.scaffold_block_widths(encoder=encoder)]
-        scaffold = sum(grid * w * SCAFFOLD_VALUES_PER_TOKEN_WIDTH for w in widths)
-    else:
-        tokens, scaffold = float(m.num_tokens), 0.0
-    # Per block: the token-width tensors plus the attention scores (heads x tokens^2, probabilities and their input).
-    block = tokens * m.hidden_size * BLOCK_VALUES_PER_TOKEN_WIDTH + 2.5 * m.num_heads * tokens ** 2
-    activations = int(b * e * (m.depth * block + scaffold))
-    return MemoryEstimate(params=params, state=params * STATE_BYTES_PER_PARAM, activations=activations,
-                          micro_batch=b)
+    """The estimate for one worker of `config` (an ExperimentConfig): DDP's state and one micro-batch's activations
+    at the configured precision, on the device the workers train on, a routed model keeping 1/N of its tokens."""
+    device = "cuda" if config.resources.use_gpu else "cpu"
+    step = step_memory(config.model, config.micro_batch, config.train.precision, device=device)
+    return MemoryEstimate(params=step.params, state=step.state_total, activations=step.activation_total,
+                          micro_batch=config.micro_batch)
 
 
 def machine_memory() -> int | None:
@@ -64,4 +47,4 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-__all__ = ["MemoryEstimate", "training_memory", "machine_memory", "gib"]
+__all__ = ["MemoryEstimate", "training_memory", "machine_memory", "gib", "STATE_BYTES_PER_PARAM"]

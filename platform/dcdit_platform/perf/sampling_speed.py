@@ -89,6 +89,7 @@ class SampleCase:
     analytic_at_kept_flops: float | None = None
     kept_fraction: float | None = None  # mean over the counted run's forwards and samples
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # this process's CPU seconds per image
 
     @property
     def label(self) -> str:
@@ -168,10 +169,11 @@ def run_sample_benchmark(args: SampleBenchSettings) -> dict:
                 case.kept_fraction = sum(kept) / len(kept) / (args.image_size // 8) ** 2
         for round_index in range(args.warmup + args.repeats):
             for case in cases:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 case.run(False)
                 if round_index >= args.warmup:
                     case.times.append((time.perf_counter() - start) / args.batch)
+                    case.cpu_times.append((time.process_time() - cpu) / args.batch)
     base_time = statistics.median(baseline.times)
     results = []
     for case in cases:
@@ -181,6 +183,8 @@ def run_sample_benchmark(args: SampleBenchSettings) -> dict:
         results.append({
             "case": case.label, "model": case.model_name, "guidance": case.guidance, "rho": case.rho,
             "seconds_per_image": round(seconds, 6), "images_per_s": round(1 / seconds, 4),
+            # Per CPU-second of this process: steadier than wall time on a shared machine (exact with one thread).
+            "cpu_seconds_per_image": round(statistics.median(case.cpu_times), 6),
             "gflops_per_image_measured": round(case.measured_flops / 1e9, 3),
             "gflops_per_image_analytic": round(case.analytic_flops / 1e9, 3),
             **({"gflops_per_image_analytic_at_kept": round(case.analytic_at_kept_flops / 1e9, 3),
