@@ -15,7 +15,7 @@ from dcdit.config import preset
 from dcdit.errors import DCDiTError
 from dcdit.flops import calibrate_router
 from dcdit.models import build_model
-from dcdit_platform.perf.memory import training_memory
+from dcdit_platform.perf.memory import MemoryQuery, memory_table, training_memory
 from dcdit_platform.perf.memory_measure import count_saved_bytes, measure_step, profiled_peak
 
 # The model counts every tensor the code saves; what it leaves out (the loss's few latent-sized tensors counted as a
@@ -84,6 +84,8 @@ def test_a_peak_measured_by_the_profiler_holds_the_saved_activations(one_thread)
 def test_bad_queries_are_refused():
     with pytest.raises(DCDiTError, match="precision must be one of"):
         training_memory(_tiny("DiT-S/2", 8), 2, "fp16")
+    with pytest.raises(DCDiTError, match="multiple of 8"):
+        memory_table(MemoryQuery(models=("DiT-S/2",), image_sizes=(100,)))
 
 
 def test_bench_memory_prints_the_split_for_every_model_size_and_precision():
