@@ -19,8 +19,8 @@ from dcdit.config import ModelConfig, from_dict, preset
 from dcdit.errors import DCDiTError, did_you_mean
 from dcdit.models import family_of
 from dcdit_platform.config.sections import (MAX_SEED, RUN_NAME, CheckpointSection, DataSection, DiffusionSection,
-                                            LoggingSection, ResourcesSection, StorageSection, TrackingSection,
-                                            TrainSection, _require)
+                                            EvaluationSection, LoggingSection, ResourcesSection, StorageSection,
+                                            TrackingSection, TrainSection, _require)
 from dcdit_platform.config.tree import apply_overrides, flatten, load_yaml_tree
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +36,7 @@ class ExperimentConfig:
     resources: ResourcesSection = field(default_factory=ResourcesSection)
     storage: StorageSection = field(default_factory=StorageSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     seed: int = 0
     name: str | None = None  # the run name; --name overrides; None = <config file stem>-<config hash>
     model_preset: str | None = None  # the preset `model` was built from, when it was (informational)
@@ -106,6 +107,11 @@ class ExperimentConfig:
         if self.is_upcycling and not family_of(m).routed:
             raise DCDiTError(f"train.init_from upcycles a DiT into a DC-DiT, but model.arch={m.arch!r}; "
                              "choose a DC-DiT model (e.g. model.preset: DC-DiT-XL)")
+        every = self.evaluation.every
+        if every and every % self.checkpoint.every:
+            raise DCDiTError(f"evaluation.every={every} must be a multiple of checkpoint.every="
+                             f"{self.checkpoint.every} (an evaluation scores a saved checkpoint); use "
+                             f"{self.checkpoint.every * max(1, round(every / self.checkpoint.every))} or 0 (off)")
         if self.storage.is_s3 and self.tracking.uri is None:
             raise DCDiTError(f"storage {self.storage.uri} is on S3, so the run needs an MLflow tracking server: "
                              "pass --tracking-uri http://HOST:PORT (or set tracking.uri); the default SQLite "
@@ -147,12 +153,12 @@ class ExperimentConfig:
 # else (model, diffusion, data, optimiser, losses, precision, upcycling, seed) is "the science": a resume with
 # a different value would silently train something else, so it is refused.
 RESUME_FREE_KEYS = ("name", "train.steps", "train.grad_accum", "checkpoint", "logging", "resources", "storage",
-                    "tracking", "data.prefetch")
+                    "tracking", "data.prefetch", "evaluation")
 
 _SECTIONS: dict[str, type] = {
     "train": TrainSection, "diffusion": DiffusionSection, "data": DataSection, "checkpoint": CheckpointSection,
     "logging": LoggingSection, "resources": ResourcesSection, "storage": StorageSection,
-    "tracking": TrackingSection,
+    "tracking": TrackingSection, "evaluation": EvaluationSection,
 }
 _TOP_LEVEL = ("model", *_SECTIONS, "seed", "name")
 

@@ -146,6 +146,33 @@ class LoggingSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvaluationSection:
+    """Evaluation during training: every `every` steps (0 = never) the EMA weights of that step's checkpoint are
+    scored in the background under this protocol (the fields are `dcdit eval`'s EvalConfig fields of the same
+    name, checked by it when the run is planned), logged as eval/fd (eval/fid with Inception) at that step."""
+
+    every: int = 0  # a multiple of checkpoint.every: an evaluation scores a saved checkpoint
+    num_samples: int = 10_000  # FID-10K, the usual in-training monitor (the paper's final numbers are FID-50K)
+    sampler: str = "ddpm"
+    sample_steps: int = 250
+    cfg_scale: float = 1.0
+    reference: str | None = None  # None = the training data
+    extractor: str | None = None  # None: the domain classifier on synthetic data, else Inception
+    weights: str | None = None
+    seed: int = 0
+    batch_size: int = 64
+    shard_size: int = 1024
+    workers: int | None = 1  # evaluation actors; they share the cluster with the training workers
+    cpus_per_worker: float = 1.0
+    metrics: tuple[str, ...] = ("fid",)  # FID (FD with the domain classifier); add is, kid, pr, sfid if needed
+
+    def validate(self) -> None:
+        _within("evaluation.every", self.every, 0, 10**9)
+        _require(0 < self.cpus_per_worker <= 1024, "evaluation.cpus_per_worker", self.cpus_per_worker,
+                 "must be in (0, 1024]")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ResourcesSection:
     """Ray Train workers (one DDP rank each) and what each one reserves. `num_workers: [min, max]` is elastic: Ray
     Train starts with as many as it can get (at least min), restarts the group from the latest checkpoint when

@@ -88,6 +88,7 @@ def load_sweep(path: str | os.PathLike, *, name: str | None = None, overrides: S
                                gpus_per_worker=res.gpus_per_worker if res.use_gpu else 0.0,
                                trial_cpus=float(spec.resources.get("trial_cpus", TRIAL_CPUS)))
     if spec.scheduler.type == "asha":
+        _check_eval_metric(spec, trials)
         every = {t.config.checkpoint.every for t in trials}
         grace = spec.scheduler.grace_period
         if grace is not None and any(grace % e for e in every):
@@ -105,6 +106,16 @@ def load_sweep(path: str | os.PathLike, *, name: str | None = None, overrides: S
             raise DCDiTError(f"trial {trial.name} changes resources.*; set per-trial resources in the sweep's "
                              "`resources:` section (one footprint for all trials)")
     return plan
+
+
+def _check_eval_metric(spec: SweepSpec, trials: list[TrialSpec]) -> None:
+    """ASHA on eval/...: every trial must evaluate during training, else it never reports the metric."""
+    metric = spec.scheduler.metric
+    off = [t.name for t in trials if metric.startswith("eval/") and not t.config.evaluation.every]
+    if off:
+        raise DCDiTError(f"scheduler.metric={metric!r} is scored during training only with evaluation.every > 0, "
+                         f"which trial {off[0]} does not set; add overrides: {{evaluation.every: K}} (a multiple of "
+                         "checkpoint.every) or rank by a training metric")
 
 
 def _common_tree(spec: SweepSpec, path: str, overrides: Sequence[str]) -> dict[str, Any]:

@@ -23,7 +23,9 @@ TRIAL_CPUS = 0.01  # the Tune trial's own actor only waits on its Train run; its
 @dataclass(frozen=True, kw_only=True)
 class SchedulerSpec:
     """Early stopping: none, or ASHA on a reported metric with `time_attr="step"` (monotonic across resumes;
-    Tune's training_iteration restarts after one). Train reports at checkpoint steps, so ASHA decides there."""
+    Tune's training_iteration restarts after one). Train reports at checkpoint steps, so ASHA decides there. On an
+    evaluation metric (eval/fd, eval/fid: the trials' `evaluation.every` scores them during training), it decides
+    by the evaluated step, when each evaluation's result comes back."""
 
     type: typing.Literal["none", "asha"] = "none"
     metric: str = "train/loss"
@@ -34,8 +36,6 @@ class SchedulerSpec:
 
     def validate(self) -> None:
         _need(bool(self.metric), "scheduler.metric", self.metric, "must name a reported metric, e.g. train/loss")
-        _need(not self.metric.startswith("eval/"), "scheduler.metric", self.metric,
-              "is computed after a trial ends; ASHA needs a metric reported during training (e.g. train/loss)")
         _need(self.grace_period is None or self.grace_period >= 1, "scheduler.grace_period", self.grace_period,
               "must be >= 1")
         _need(self.reduction_factor > 1, "scheduler.reduction_factor", self.reduction_factor, "must be > 1")

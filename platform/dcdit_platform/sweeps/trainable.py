@@ -1,13 +1,12 @@
 """The trial as Tune runs it: `trial_main`, a function trainable that trains (or resumes) one trial's Ray Train run,
-evaluates its last checkpoint with the sweep's protocol and records the result; the `TrialContext` every trial is
-given, and `EvalRequest`, what a trial's evaluation task is given.
+evaluates its last checkpoint with the sweep's protocol and records the result; and the `TrialContext` every trial
+is given.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -16,11 +15,10 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dcdit_platform import console
 from dcdit_platform.config import ExperimentConfig, build_config, set_dotted
-from dcdit_platform.evaluation import EvalConfig, evaluate
+from dcdit_platform.evaluation import EvalConfig
 from dcdit_platform.runs import latest_checkpoint_state
 from dcdit_platform.secrets import secret_env
 from dcdit_platform.storage import open_storage
@@ -28,12 +26,8 @@ from dcdit_platform.sweeps.plan import SweepPlan, eval_protocol
 from dcdit_platform.sweeps.state import FINAL, FINISHED, SweepState, recorded_history
 from dcdit_platform.tracking import Tracker
 from dcdit_platform.training import plan_run, run_training
-
-# What a trial's summary keeps of an evaluation (dcdit_platform.evaluation's summary): the metrics, where the full
-# result lies, and the per-rho results of a tail-drop sweep.
-EVAL_METRICS = ("fid", "fd", "sfid", "is_mean", "is_std", "kid_mean", "kid_std", "kd_mean", "kd_std", "precision",
-                "recall", "class_accuracy")
-EVAL_KEYS = (*EVAL_METRICS, "num_samples", "step", "slug", "result_uri", "sweep")
+from dcdit_platform.training.periodic_eval import (EVAL_KEYS, EVAL_METRICS, EvalRequest, is_number, launch,
+                                                   time_attribute)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,16 +69,7 @@ class TrialContext:
         """The sweep's evaluation of `checkpoint`, tracked in the run that wrote it (needs `evaluation`)."""
         config = EvalConfig(checkpoint=checkpoint, tracking_uri=self.tracking_uri, storage=self.sweep_uri,
                             track=True, **self.evaluation)
-        return EvalRequest(config=config, env=self.env)
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvalRequest:
-    """What a trial's evaluation task is given (through the object store: the config's tracking URI and `env` may
-    hold credentials)."""
-
-    config: EvalConfig
-    env: dict[str, str]
+        return EvalRequest(config=config, env=self.env, label="sweep eval")
 
 
 def trial_main(config: dict, ctx: TrialContext) -> None:
@@ -99,7 +84,8 @@ def trial_main(config: dict, ctx: TrialContext) -> None:
     record = state.trial(name)
     if record is not None and record.get("status") in FINAL:
         for step, value in record.get("history", []):
-            tune.report({"step": step, ctx.scheduler_metric: value, "replayed": True})
+            tune.report({"step": step, time_attribute(ctx.scheduler_metric): step, ctx.scheduler_metric: value,
+                         "replayed": True})
         return
 
     plan = plan_run(ctx.trial_config(name), name=name)
@@ -109,10 +95,11 @@ def trial_main(config: dict, ctx: TrialContext) -> None:
     # The Train run's progress lines go to the trial's stderr as `dcdit train: ...` (Ray forwards them to the driver).
     summary = run_training(plan, callbacks=[TuneReportCallback()], echo=console.echo("train"))
     metrics = dict(summary.get("metrics") or {})
+    _await_decision(ctx.scheduler_metric, metrics)
     evaluation = None
     if ctx.evaluation is not None and summary.get("checkpoint"):
         evaluation = evaluate_trial(ctx.eval_request(summary["checkpoint"]))
-        metrics.update({f"eval/{k}": v for k, v in evaluation.items() if k in EVAL_METRICS and _is_number(v)})
+        metrics.update({f"eval/{k}": v for k, v in evaluation.items() if k in EVAL_METRICS and is_number(v)})
     history = (recorded_history(Tracker(ctx.tracking_uri), summary["mlflow_run_id"], ctx.scheduler_metric)
                if ctx.scheduler_metric else [])
     state.write_trial(name, {"name": name, "status": FINISHED, "step": summary.get("step"),
@@ -122,27 +109,20 @@ def trial_main(config: dict, ctx: TrialContext) -> None:
                              "ended_unix": time.time()})
 
 
+def _await_decision(metric: str | None, metrics: dict) -> None:
+    """A scheduler ranking by an evaluation during training sees the run's last score after its last step (the Train
+    run reports it at its end): report it once more from the trial, which returns only when the scheduler lets the
+    trial go on (a function trainable's report waits for that). A trial stopped on that score thus never writes
+    its FINISHED record, and the sweep records it as STOPPED, whatever the race between its end and the decision."""
+    if metric and time_attribute(metric) != "step" and metric in metrics:
+        tune.report({metric: metrics[metric], time_attribute(metric): metrics[time_attribute(metric)]})
+
+
 def evaluate_trial(request: EvalRequest) -> dict:
     """The sweep's evaluation protocol on a finished trial's checkpoint (dcdit_platform.evaluation); its metrics go
     to the trial's MLflow run and come back for the sweep summary. The trial's Train workers have ended by now, so
-    the evaluator's actors use the resources they held.
-
-    Runs as a task outside the trial's placement group: Tune captures a trial's child tasks and actors into it,
-    and its one small bundle (the trial actor's CPU) cannot hold the evaluator's actors."""
-    task = ray.remote(num_cpus=0)(_evaluate).options(
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    return ray.get(task.remote(ray.put(request)))
-
-
-def _evaluate(request: EvalRequest) -> dict:
-    for key, value in request.env.items():
-        os.environ.setdefault(key, value)
-    result = evaluate(request.config, echo=console.echo("sweep eval"))
-    return {k: v for k, v in result.items() if k in EVAL_KEYS}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    the evaluator's actors use the resources they held (a task outside the trial's placement group: `launch`)."""
+    return ray.get(launch(request))
 
 
 __all__ = ["trial_main", "TrialContext", "EvalRequest", "evaluate_trial", "EVAL_METRICS", "EVAL_KEYS"]

@@ -6,6 +6,7 @@ events: progress lines, and records plus MLflow status for trials that end witho
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 import time
@@ -22,6 +23,10 @@ from dcdit_platform.sweeps.plan import SweepPlan
 from dcdit_platform.sweeps.state import (FAILED, FINAL, FINISHED, STOPPED, TUNE_DIR, SweepState, progress,
                                          recorded_history)
 from dcdit_platform.sweeps.trainable import TrialContext, trial_main
+from dcdit_platform.training.periodic_eval import time_attribute
+
+
+STRICT_METRICS_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 
 
 def trial_name(trial) -> str:
@@ -67,8 +72,12 @@ class SweepCallback(tune.Callback):
         done = progress(self.plan.sweep_storage, name)
         run_id = self._run_id(name)
         steps = self.plan.trial(name).config.train.steps
-        if status == STOPPED and (done["step"] or 0) >= steps and self.plan.spec.evaluation is None:
-            status = FINISHED  # stopped right after its last step: it trained to the end
+        # Stopped right after its last step: it trained to the end (with no evaluation left to run). Not so when the
+        # scheduler ranks by an evaluation during training: that score comes after the step, and the stop is ASHA's
+        # decision on it.
+        on_eval = time_attribute(self.plan.spec.scheduler.metric) != "step"
+        if status == STOPPED and (done["step"] or 0) >= steps and self.plan.spec.evaluation is None and not on_eval:
+            status = FINISHED
         history = []
         if status in FINAL:
             with contextlib.suppress(DCDiTError):
@@ -113,12 +122,13 @@ def run_trials(plan: SweepPlan, callback: SweepCallback, *, names: list[str], pa
     """Run the trials `names` (replays of done trials first, if any) on Tune, `max_concurrent` at once."""
     spec = plan.spec
     scheduler = None
+    on_eval = spec.scheduler.metric.startswith("eval/")  # scored by evaluation.every, at the evaluated steps
     if spec.scheduler.type == "asha":
         s = spec.scheduler
-        first = min(t.config.checkpoint.every for t in plan.trials)
+        first = min(t.config.evaluation.every if on_eval else t.config.checkpoint.every for t in plan.trials)
         # ASHA stops every trial that reaches max_t; by default that lies past the longest trial, so trials that
         # are not cut at a rung end by finishing (and run their evaluation) rather than being stopped.
-        scheduler = ASHAScheduler(time_attr="step", metric=s.metric, mode=s.mode,
+        scheduler = ASHAScheduler(time_attr=time_attribute(s.metric), metric=s.metric, mode=s.mode,
                                   max_t=s.max_t or max(t.config.train.steps for t in plan.trials) + 1,
                                   grace_period=s.grace_period or first, reduction_factor=s.reduction_factor)
     storage = plan.sweep_storage
@@ -139,8 +149,24 @@ def run_trials(plan: SweepPlan, callback: SweepCallback, *, names: list[str], pa
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             callbacks=[callback], verbose=0))
     # Tune prints its banner and Ray echoes worker output on stdout; stdout is for the summary (--json) only.
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), _lenient_metrics(spec.scheduler.type == "asha" and on_eval):
         tuner.fit()
+
+
+@contextlib.contextmanager
+def _lenient_metrics(lenient: bool):
+    """Tune refuses a result without the scheduler's metric unless TUNE_DISABLE_STRICT_METRIC_CHECKING=1; a score
+    from an evaluation during training is in the reports after it ends only (ASHA passes over the others)."""
+    saved = os.environ.get(STRICT_METRICS_ENV)
+    if lenient:
+        os.environ[STRICT_METRICS_ENV] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(STRICT_METRICS_ENV, None)
+        else:
+            os.environ[STRICT_METRICS_ENV] = saved
 
 
 __all__ = ["run_trials", "SweepCallback", "trial_name"]

@@ -107,10 +107,12 @@ class Checkpointer:
         """The newest checkpoint in words, for messages."""
         return f"step {self.last_step}" if self.last_step else "none yet"
 
-    def save(self, step: int, metrics: dict, state: TrainState, data_cursor: dict, extra: dict | None = None) -> None:
+    def save(self, step: int, metrics: dict, state: TrainState, data_cursor: dict, extra: dict | None = None, *,
+             reported: dict | None = None) -> None:
         """A collective: every rank calls it at the same step (RNG states are gathered, then reported). `extra`
-        goes into state.json (the metrics MLflow has not taken yet). A failed upload raises the same DCDiTError
-        on every rank, after the last good checkpoint, so that all stop at this step.
+        goes into state.json (the metrics MLflow has not taken yet), `reported` into the report only (the newest
+        evaluation during training: a sweep's scheduler reads it, a resumed run must not). A failed upload raises
+        the same DCDiTError on every rank, after the last good checkpoint, so that all stop at this step.
 
         Ray Train's report is a barrier whose queue holds one result, drained by the controller every ~2 s
         (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): reporting every step would throttle training to that rate, so only
@@ -135,7 +137,8 @@ class Checkpointer:
             save_checkpoint(staged, model_state=state.model.state_dict(), ema_state=state.ema.state_dict(),
                             optimizer_state=state.optimizer.state_dict(), state=state_json,
                             config=self.payload.config)
-        collective(self.session, lambda: self.session.report(metrics, checkpoint_dir=str(staged) if staged else None,
+        collective(self.session, lambda: self.session.report({**metrics, **(reported or {})},
+                                                             checkpoint_dir=str(staged) if staged else None,
                                                              step=step))
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)  # uploaded: the staged copy is no longer the only one

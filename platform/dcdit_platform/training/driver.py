@@ -37,6 +37,7 @@ from dcdit_platform.tracking import Tracker, flat_params, resolve_tracking_uri
 from dcdit_platform.training.data import check_data
 from dcdit_platform.training.outcome import OutcomeBox, fail_run, failure_message, finish_run
 from dcdit_platform.training.payload import WorkerPayload, WorkerSecrets
+from dcdit_platform.training.periodic_eval import check_protocol
 from dcdit_platform.training.sessions import LocalSession
 from dcdit_platform.training.upload import recover_staged, staging_root, write_lease
 from dcdit_platform.training.worker import run_worker, train_worker
@@ -70,6 +71,7 @@ def plan_run(config: ExperimentConfig, *, name: str | None = None, config_path: 
         storage.check()
     tracking_uri = resolve_tracking_uri(config.tracking.uri, storage.uri)
     check_data(config)
+    check_protocol(config)
     init = config.train.init_from
     # Local paths are checked here; hub names and official file names are resolved by the workers.
     if init and init.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(init)):
@@ -159,7 +161,8 @@ UPCYCLING_FIELDS = ("init_from", "freeze_embedders", "cond_adaptor", "distill_st
 def applicable_config(config: ExperimentConfig, safe_config: dict) -> dict:
     """`safe_config` without what this run's architecture never reads, so that MLflow's compare view does not show a
     DiT baseline with a DC-DiT's defaults (model fields of other families, train.chunking without a router, the
-    upcycling settings of a run that is not upcycled)."""
+    upcycling settings of a run that is not upcycled, the evaluation protocol of a run that evaluates only at
+    the end)."""
     family = family_of(config.model)
     model_fields = family.fields(config.model)
     tree = {**safe_config, "model": {k: v for k, v in safe_config["model"].items() if k in model_fields}}
@@ -170,6 +173,8 @@ def applicable_config(config: ExperimentConfig, safe_config: dict) -> dict:
         for key in UPCYCLING_FIELDS:
             train.pop(key, None)
     tree["train"] = train
+    if not config.evaluation.every:
+        tree.pop("evaluation", None)
     return tree
 
 

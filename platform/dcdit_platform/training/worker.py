@@ -13,6 +13,7 @@ from dcdit_platform.training.data import make_reader, open_source
 from dcdit_platform.training.logger import StepLogger
 from dcdit_platform.training.metrics import LoopClock, MetricWindow
 from dcdit_platform.training.payload import WorkerPayload
+from dcdit_platform.training.periodic_eval import PeriodicEvaluator, report_last
 from dcdit_platform.training.runtime import select_runtime
 from dcdit_platform.training.sessions import RaySession, Session
 from dcdit_platform.training.state import build_train_state, start_distiller
@@ -64,6 +65,9 @@ def run_worker(payload: WorkerPayload, session: Session) -> None:
                                 last_step=start if ckpt else None)
     stopped.update(window.latest, step=start)
     logger = None
+    evals = None if rank or not config.evaluation.every else PeriodicEvaluator(
+        config, name=payload.name, run_uri=session.run_storage.uri, storage_uri=payload.storage_uri,
+        tracking_uri=secrets.tracking_uri or payload.tracking_uri, run_id=run_id, env=secrets.env, start=start)
     clock.start_loop()
     try:
         logger = StepLogger(config, name=payload.name, run_id=run_id, rank=rank, world_size=world, start=start,
@@ -97,8 +101,15 @@ def run_worker(payload: WorkerPayload, session: Session) -> None:
             if log:
                 window.reset()
             if save:
-                checkpointer.save(step, metrics, state, reader.cursor, {"pending_metrics": logger.pending()})
+                checkpointer.save(step, metrics, state, reader.cursor, {"pending_metrics": logger.pending()},
+                                  reported=evals.report() if evals else None)
                 stopped.update(metrics, step=step)
+            if evals is not None:  # in the background: training goes on while the EMA weights are scored
+                if save and evals.due(step):
+                    evals.launch(step)
+                evals.poll(step)
+        if config.evaluation.every:
+            stopped.update(report_last(session, evals, t.steps))
         if rank == 0:
             session.finish({**stopped, "pending_metrics": len(logger.pending()), "done": True})
     except DCDiTError as err:
@@ -106,6 +117,8 @@ def run_worker(payload: WorkerPayload, session: Session) -> None:
     finally:
         if logger is not None:
             logger.close()
+        if evals is not None:
+            evals.close()
         reader.close()
         if distiller is not None:
             distiller.close()

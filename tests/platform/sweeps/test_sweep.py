@@ -69,7 +69,8 @@ def test_bad_grid_value_names_the_trial_and_key(tmp_path):
     ("baselines: [{derive: [flops_matched]}]", r"must be one of param_matched, flop_matched \(did you mean "
                                                 r"'flop_matched'\?\)"),
     ("scheduler: {type: hyperband}", r"scheduler.type='hyperband' must be one of 'none', 'asha'"),
-    ("scheduler: {type: asha, metric: eval/fid}", r"scheduler.metric='eval/fid' is computed after a trial ends"),
+    ("scheduler: {type: asha, metric: eval/fid}", r"scheduler.metric='eval/fid' is scored during training only with "
+                                                  r"evaluation.every > 0, which trial DC-DiT does not set"),
     ("scheduler: {type: asha, grace_priod: 2}",
      r"unknown config key 'scheduler.grace_priod' \(did you mean 'grace_period'\?\)"),
     ("grid: {train.lr: 1.0e-4}", r"grid.train.lr=0.0001 must be a non-empty list"),

@@ -317,6 +317,36 @@ def test_asha_stops_the_worse_trial_at_its_first_rung(tmp_path, mlflow_server):
     assert int(trials[0.0001]["checkpoint"].rsplit("_", 1)[1]) < 4, trials[0.0001]
 
 
+@pytest.mark.timeout(900)  # two trials one after the other, each evaluated once in the background
+def test_asha_ranks_trials_by_eval_fd_scored_during_training(tmp_path, mlflow_server):
+    """ASHA on eval/fd, which `evaluation.every` scores while a trial trains (the loss is no ranking across lambda:
+    the ratio-loss term differs). One trial at a time, one rung (the evaluated step 8): the first trial is alone
+    there and finishes; the second is stopped exactly when its eval/fd at step 8 is above the first's (the rung's
+    cut-off with reduction factor 2: ASHA's rule, applied here to the values MLflow holds)."""
+    body = ("overrides: {train.steps: 8, checkpoint.every: 8, logging.every: 1, logging.artifacts_every: -1,"
+            " data.num_samples: 64, evaluation.every: 8, evaluation.num_samples: 32, evaluation.sampler: ddim,"
+            " evaluation.sample_steps: 2, evaluation.batch_size: 8, evaluation.shard_size: 16,"
+            " evaluation.workers: 1, evaluation.cpus_per_worker: 0.5}\n"
+            "grid: {model.downsample_factor: [4], train.chunking.ratio_loss_weight: [0.03],"
+            " train.lr: [0.002, 0.000000001]}\n"
+            "baselines: []\n"
+            "max_concurrent_trials: 1\n"
+            "scheduler: {type: asha, metric: eval/fd, mode: min, reduction_factor: 2}\n")
+    summary, experiment = run_small_sweep(tmp_path, mlflow_server, "asha-eval", body)
+    client, _, children = mlflow_runs(mlflow_server.uri, experiment)
+    first, second = summary["trials"]
+    assert first["overrides"]["train.lr"] == 0.002, summary["trials"]
+    fd = {t["name"]: {m.step: m.value for m in client.get_metric_history(t["mlflow_run_id"], "eval/fd")}
+          for t in summary["trials"]}
+    assert list(fd[first["name"]]) == [8] and list(fd[second["name"]]) == [8], fd
+    assert first["status"] == "FINISHED", first
+    assert second["status"] == ("STOPPED" if fd[second["name"]][8] > fd[first["name"]][8] else "FINISHED"), (fd, second)
+    # Both trained to the end before their score came back; the scheduler's decision is the status, in MLflow too.
+    assert children[second["name"]].info.status == ("KILLED" if second["status"] == "STOPPED" else "FINISHED")
+    print(f"ASHA on eval/fd: {first['name']} {fd[first['name']][8]:.4g}, {second['name']} "
+          f"{fd[second['name']][8]:.4g} -> {second['status']}")
+
+
 # --- load -----------------------------------------------------------------------------------------------------------
 
 def test_sixteen_tiny_trials_all_finish(tmp_path, mlflow_server):
