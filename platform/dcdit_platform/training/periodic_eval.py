@@ -203,5 +203,5 @@ def _one_line(err: BaseException) -> str:
     return (cause or type(err).__name__)[:400]
 
 
-__all__ = ["PeriodicEvaluator", "EvalRequest", "launch", "evaluation_steps", "time_attribute", "is_number", "eval_config", "check_protocol",
-           "report_last", "EVAL_METRICS", "EVAL_KEYS", "EVAL_STEP", "LAG_METRIC"]
+__all__ = ["PeriodicEvaluator", "EvalRequest", "launch", "evaluation_steps", "time_attribute", "is_number",
+           "eval_config", "check_protocol", "report_last", "EVAL_METRICS", "EVAL_KEYS", "EVAL_STEP", "LAG_METRIC"]
