@@ -5,8 +5,6 @@ memory_measure.py, itself checked on hand-counted cases); the state per paramete
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from dcdit.config import preset
 from dcdit.errors import DCDiTError
 from dcdit.flops import calibrate_router
 from dcdit.models import build_model
+from dcdit_platform.cli import main
 from dcdit_platform.perf.memory import MemoryQuery, memory_table, training_memory
 from dcdit_platform.perf.memory_measure import count_saved_bytes, measure_step, profiled_peak
 
@@ -88,12 +87,14 @@ def test_bad_queries_are_refused():
         memory_table(MemoryQuery(models=("DiT-S/2",), image_sizes=(100,)))
 
 
-def test_bench_memory_prints_the_split_for_every_model_size_and_precision():
-    proc = subprocess.run([sys.executable, "-m", "dcdit_platform.cli", "bench", "--mode", "memory", "DiT-XL/2",
-                           "DC-DiT-XL", "--image-size", "256", "512", "--json"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+def test_several_image_sizes_are_for_the_memory_mode_only(capsys):
+    assert main(["bench", "DiT-S/8", "--image-size", "64", "128"]) == 2
+    assert "several --image-size values are for --mode memory" in capsys.readouterr().err
+
+
+def test_bench_memory_prints_the_split_for_every_model_size_and_precision(capsys):
+    assert main(["bench", "--mode", "memory", "DiT-XL/2", "DC-DiT-XL", "--image-size", "256", "512", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
     assert {(r["model"], r["image_size"], r["precision"]) for r in rows} == {
         (m, s, p) for m in ("DiT-XL/2", "DC-DiT-XL") for s in (256, 512) for p in ("fp32", "bf16")}
     for r in rows:

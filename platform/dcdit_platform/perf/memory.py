@@ -5,6 +5,7 @@ on n tokens; DC-DiT's scaffold at full resolution and its backbone on the kept t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ LOSS_BYTES_PER_LATENT = 20 * 4 + 2
 FREQUENCY_SIZE = 256  # the timestep embedder's sinusoidal features
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("cpu", "cuda")
+# Counting builds the model on the meta device (a second for DiT-XL); a table asks for each config several times.
+_param_count = functools.lru_cache(maxsize=64)(count_params)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ def training_memory(config: ModelConfig, batch: int, precision: str = "fp32", *,
         raise DCDiTError(f"memory model: precision must be one of {PRECISIONS}, device one of {DEVICES} and batch "
                          f">= 1; got {precision!r}, {device!r}, {batch}")
     sizes = _Sizes(act=2 if precision == "bf16" else 4)
-    params = count_params(config)
+    params = _param_count(config)
     state = {k: v * params for k, v in STATE_BYTES.items() if ddp or k != "ddp_buckets"}
     if family_of(config).routed:
         fraction = 1.0 / config.downsample_factor if kept_fraction is None else kept_fraction
