@@ -15,7 +15,7 @@ from dcdit.models import count_params, family_of
 from dcdit.models.attention import MATH_ATTENTION_MAX_SCORES
 
 # Bytes per parameter of the training state: fp32 weights, gradients, AdamW's two moments, the EMA copy and DDP's
-# gradient buckets (separate from .grad unless gradient_as_bucket_view).
+# gradient buckets (separate from .grad unless gradient_as_bucket_view; DDP wraps the model with several workers only).
 STATE_BYTES = {"params": 4, "grads": 4, "optimizer": 8, "ema": 4, "ddp_buckets": 4}
 STATE_BYTES_PER_PARAM = sum(STATE_BYTES.values())
 # The diffusion loss (MSE plus the learned-variance VLB: Gaussian KL and discretised likelihood, elementwise in
