@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from dcdit.data.synthetic import SyntheticDataset
 from dcdit.data.vae import LATENT_SCALE, center_crop_arr, check_vae, encode, load_vae, sample_seed
 from dcdit.errors import DCDiTError
 from dcdit_platform.config.sections import DEFAULT_IMAGE_SIZE
-from dcdit_platform.raycluster import ray_session
+from dcdit_platform.raycluster import ray_data_settings, ray_session
 from dcdit_platform.storage import Storage, StorageOptions, open_storage
 
 PROGRESS_DIR = "_progress"  # per-shard done markers while a preparation is unfinished
@@ -303,43 +302,34 @@ def _summary(dest: Storage, manifest, *, written: int, skipped: int, complete: b
 
 def _run_pipeline(config: PrepareConfig, plan: _Plan, source: dict, todo: list[int], rows: dict[int, int], *,
                   progress: bool) -> dict[int, dict]:
-    with ray_session(log_to_driver=False):
-        ctx = ray.data.DataContext.get_current()
-        data_logger = logging.getLogger("ray.data")
-        saved = ctx.enable_progress_bars, ctx.print_on_execution_start, data_logger.level
-        ctx.enable_progress_bars = ctx.print_on_execution_start = False  # one bar of our own, counting samples
-        data_logger.setLevel(logging.ERROR)
-        try:
-            resources = ray.cluster_resources()
-            gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-            ds = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
-            if config.vae:
-                # Loader tasks feed a fixed pool of actors that each keep one VAE for the whole run: one per GPU,
-                # or on CPUs all but one (the loaders need somewhere to run).
-                use_gpu = gpus > 0
-                actors = min(config.num_actors or (gpus if use_gpu else max(1, cpus - 1)), len(todo))
-                ds = ds.map_batches(_load_shard, fn_kwargs={"config": config, "plan": plan}, batch_size=1,
-                                    num_cpus=1, udf_modifying_row_count=False)
-                ds = ds.map_batches(_EncodeAndWrite, fn_constructor_args=(config, source, use_gpu), batch_size=1,
-                                    compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5 if use_gpu else 1,
-                                    num_gpus=1 if use_gpu else 0, udf_modifying_row_count=False)
-            else:
-                ds = ds.map_batches(_load_and_write, fn_kwargs={"config": config, "plan": plan, "source": source},
-                                    batch_size=1, num_cpus=1, udf_modifying_row_count=False,
-                                    compute=ray.data.TaskPoolStrategy(size=config.num_actors or cpus))
-            done: dict[int, dict] = {}
-            with tqdm(total=sum(rows[k] for k in todo), unit="img", desc=f"prepare {len(todo)} shards",
-                      disable=not progress, file=sys.stderr) as bar:
-                for row in ds.iter_rows():
-                    if row["error"]:
-                        raise DCDiTError(row["error"])
-                    marker = json.loads(row["marker"])
-                    done[int(marker["first_index"]) // config.shard_size] = marker
-                    bar.update(marker["rows"])
-            return done
-        finally:
-            ctx.enable_progress_bars, ctx.print_on_execution_start, level = saved
-            data_logger.setLevel(level)
+    with ray_session(log_to_driver=False), ray_data_settings():  # one bar of our own, counting samples
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+        ds = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
+        if config.vae:
+            # Loader tasks feed a fixed pool of actors that each keep one VAE for the whole run: one per GPU,
+            # or on CPUs all but one (the loaders need somewhere to run).
+            use_gpu = gpus > 0
+            actors = min(config.num_actors or (gpus if use_gpu else max(1, cpus - 1)), len(todo))
+            ds = ds.map_batches(_load_shard, fn_kwargs={"config": config, "plan": plan}, batch_size=1,
+                                num_cpus=1, udf_modifying_row_count=False)
+            ds = ds.map_batches(_EncodeAndWrite, fn_constructor_args=(config, source, use_gpu), batch_size=1,
+                                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5 if use_gpu else 1,
+                                num_gpus=1 if use_gpu else 0, udf_modifying_row_count=False)
+        else:
+            ds = ds.map_batches(_load_and_write, fn_kwargs={"config": config, "plan": plan, "source": source},
+                                batch_size=1, num_cpus=1, udf_modifying_row_count=False,
+                                compute=ray.data.TaskPoolStrategy(size=config.num_actors or cpus))
+        done: dict[int, dict] = {}
+        with tqdm(total=sum(rows[k] for k in todo), unit="img", desc=f"prepare {len(todo)} shards",
+                  disable=not progress, file=sys.stderr) as bar:
+            for row in ds.iter_rows():
+                if row["error"]:
+                    raise DCDiTError(row["error"])
+                marker = json.loads(row["marker"])
+                done[int(marker["first_index"]) // config.shard_size] = marker
+                bar.update(marker["rows"])
+        return done
 
 
 def open_source(source: str, *, storage_options: StorageOptions | dict | None = None, num_samples: int = 10_000,

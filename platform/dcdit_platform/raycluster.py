@@ -8,6 +8,7 @@ A plain `ray.init()` would instead attach to whatever `ray start` cluster it fin
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import re
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import ray
+import ray.data
 from ray._private import ray_logging
 
 from dcdit.errors import DCDiTError
@@ -82,6 +84,30 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, dash
         _restore_env(API_SERVER_ENV, saved)
 
 
+@contextlib.contextmanager
+def ray_data_settings(**execution_options: Any) -> Iterator[None]:
+    """Ray Data's progress bars and log lines on the terminal only with --verbose (commands print their own
+    progress; the dashboard's Data view shows Ray Data's), and `execution_options` (preserve_order=True, ...) for
+    the datasets run inside the block; the previous settings come back on exit."""
+    ctx = ray.data.DataContext.get_current()
+    data_logger = logging.getLogger("ray.data")
+    options = ctx.execution_options
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, data_logger.level,
+             {name: getattr(options, name) for name in execution_options})
+    ctx.enable_progress_bars = ctx.print_on_execution_start = console.is_verbose()
+    if not console.is_verbose():
+        data_logger.setLevel(logging.ERROR)
+    for name, value in execution_options.items():
+        setattr(options, name, value)
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start, level, previous = saved
+        data_logger.setLevel(level)
+        for name, value in previous.items():
+            setattr(options, name, value)
+
+
 # What Ray's C++ core writes to a worker's stderr ("[2026-11-30 14:18:07,293 E 3349 3408] core_worker.cc:2465: Actor
 # with class name: 'PreemptionWatcher' ...") and Ray Train's record of every report ("Reporting training result 1:
 # TrainingReport(...)"): Ray's business, not the user's, but forwarded to the driver with the workers' own output.
@@ -139,4 +165,4 @@ def _restore_env(name: str, value: str | None) -> None:
         os.environ[name] = value
 
 
-__all__ = ["ray_session", "target_address", "free_port", "API_SERVER_ENV"]
+__all__ = ["API_SERVER_ENV", "free_port", "ray_data_settings", "ray_session", "target_address"]

@@ -8,8 +8,6 @@ A task fixes every sample it computes (indices, seeds, batches), so any actor co
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,11 +128,12 @@ class GenerateTask:
 
 
 class EvalWorker:
-    """A Ray actor holding one extractor (and, once it generates, the model): computes tasks."""
+    """What each evaluation actor holds (built once per actor by the pool's Ray Data callable): one extractor and,
+    once it generates, the model; computes tasks."""
 
     def __init__(self, extractor: ExtractorSpec, model: ModelSpec | None, threads: int, secrets: Any = None):
-        if secrets is not None:  # WorkerSecrets (Ray resolves the ObjectRef it was sent as): credentials this
-            secrets.export_env()  # machine's processes may lack
+        if secrets is not None:  # WorkerSecrets, sent as an ObjectRef: credentials this machine's processes may lack
+            ray.get(secrets).export_env()
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
@@ -151,9 +150,6 @@ class EvalWorker:
             self.extractor = extractor.resolved(ray.get).build(self.device)
         except DCDiTError as err:
             self.init_error = str(err)
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def run(self, task: ExtractTask | GenerateTask) -> ShardResult | TaskError:
         if self.init_error:
@@ -181,11 +177,3 @@ class EvalWorker:
                 self.vae = load_vae(spec.vae, device=self.device)
         return self.model, self.vae
 
-
-def eval_actors(extractor: ExtractorSpec, model: ModelSpec | None, *, cpus: float, gpu: bool,
-                secrets: Any = None) -> Callable[[], Any]:
-    """A function starting one EvalWorker actor with `cpus` CPUs (torch threads) and, with `gpu`, one GPU;
-    `secrets` is an ObjectRef of WorkerSecrets whose environment each actor takes on."""
-    remote = ray.remote(EvalWorker).options(num_cpus=cpus, num_gpus=1 if gpu else 0, max_restarts=0)
-    threads = max(1, int(cpus))
-    return lambda: remote.remote(extractor, model, threads, secrets)

@@ -2,7 +2,7 @@
 
 Actors generate class-balanced samples with per-sample seeds in fixed shards and batches and return float64
 statistics per shard; the driver merges them in shard order, so the result does not depend on how many actors run
-or which one computes a shard (a shard lost with its actor is recomputed elsewhere, identically).
+or which one computes a shard (a shard lost with its actor is recomputed, identically, once Ray restarts it).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dcdit.errors import DCDiTError
 from dcdit.features import INCEPTION
 from dcdit.generate import SamplingPlan
 from dcdit_platform import console
-from dcdit_platform.evaluation.actors import GenerateTask, ModelSpec, eval_actors
+from dcdit_platform.evaluation.actors import EvalWorker, GenerateTask, ModelSpec
 from dcdit_platform.evaluation.extractors import ExtractorSpec, prepare_extractor
 from dcdit_platform.evaluation.metrics import Collected, compute_metrics
 from dcdit_platform.evaluation.outputs import GRID_IMAGES, PlanResult, SampleKeeper, progress_logger, publish
@@ -61,15 +61,16 @@ def evaluate(cfg: EvalConfig, *, on_event: Callable[[dict], None] | None = None,
         model = ModelSpec(config.model, ray.put(ckpt.weights), geometry.vae)
         # Actors on other machines need the credentials: by object reference, never in the job's runtime_env.
         secrets = ray.put(WorkerSecrets(env=secret_env()))
-        make_actor = eval_actors(spec, model, cpus=cfg.cpus_per_worker, gpu=gpu, secrets=secrets)
-        with ActorPool(workers, make_actor, max_failures=cfg.max_actor_failures, on_event=on_event) as pool:
-            echo(f"{workers} actor(s) on {'GPU' if gpu else 'CPU'}; checkpoint {ckpt.uri} (step {ckpt.step})")
-            reference = resolve_reference(ref_spec, synthetic_params, spec, storage, pool, cfg, geometry.image_size,
-                                          metrics, echo=echo)
-            on_progress = progress_logger(cfg, ckpt, echo)
-            runs = [_evaluate_plan(cfg, plan, pool, geometry, reference, spec, metrics, echo=echo,
-                                   on_progress=on_progress) for plan in plans]
-            failures = pool.failures
+        pool = ActorPool(workers, EvalWorker, (spec, model, max(1, int(cfg.cpus_per_worker)), secrets),
+                         cpus=cfg.cpus_per_worker, gpus=1 if gpu else 0, max_failures=cfg.max_actor_failures,
+                         on_event=on_event)
+        echo(f"{workers} actor(s) on {'GPU' if gpu else 'CPU'}; checkpoint {ckpt.uri} (step {ckpt.step})")
+        reference = resolve_reference(ref_spec, synthetic_params, spec, storage, pool, cfg, geometry.image_size,
+                                      metrics, echo=echo)
+        on_progress = progress_logger(cfg, ckpt, echo)
+        runs = [_evaluate_plan(cfg, plan, pool, geometry, reference, spec, metrics, echo=echo,
+                               on_progress=on_progress) for plan in plans]
+    failures = pool.failures
 
     protocol = protocol_record(cfg, ckpt, geometry, spec, reference=reference.label,
                                reference_id=reference.reference_id, reference_cached=reference.cached)

@@ -1,12 +1,14 @@
-"""A pool of evaluation actors working through a list of tasks: dynamic assignment (an idle actor takes the next
-task), results in task order whatever the completion order, and tasks lost with a dead actor recomputed on a fresh
-one. Every task fixes what it computes, so a recomputed task gives the same result.
+"""The evaluator's tasks on Ray Data: one row per task through `map_batches` on a fixed pool of actors, one task per
+call (a task stays the unit of recomputation), results in task order. Ray restarts an actor that dies and runs its
+unfinished tasks again there; every task fixes what it computes, so a recomputed task gives the same result.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import deque
+import os
+import pickle
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,87 +17,81 @@ import ray
 from dcdit.errors import DCDiTError
 from dcdit_platform import console
 from dcdit_platform.evaluation.actors import TaskError
+from dcdit_platform.raycluster import ray_data_settings
 
 _echo = console.echo("eval")
 
 
+class _Runner:
+    """Ray Data's callable class, one per actor: sets up one `worker_class(*args)` (model, extractor) and computes a
+    task per call; the result travels pickled, with the actor, the process that computed it and whether that
+    process is a restart (Ray restarted the actor after its process died)."""
+
+    def __init__(self, tasks: list, worker_class: type, args: tuple):
+        self.tasks, self.worker = tasks, worker_class(*args)
+        context = ray.get_runtime_context()
+        self.origin = {"actor": [context.get_actor_id()], "pid": [os.getpid()],
+                       "restarted": [bool(context.was_current_actor_reconstructed)]}
+
+    def __call__(self, batch: dict) -> dict:
+        (i,) = batch["task"]
+        result = self.worker.run(self.tasks[int(i)])
+        return {"task": [i], **self.origin, "result": [pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)]}
+
+
 class ActorPool:
-    """`size` actors made by `make_actor` (each with `pid()` and `run(task)` methods). A dead actor (killed, OOM,
-    node lost) is replaced and its unfinished tasks go back to the queue; after `max_failures` replacements the
-    evaluation stops with a DCDiTError. A `TaskError` result stops it too, with the error's message.
+    """`size` actors, each holding one `worker_class(*args)` (with a `run(task)` method) on `cpus` CPUs and `gpus`
+    GPUs. Ray restarts an actor that dies (killed, OOM) up to `max_failures` times and reruns its unfinished tasks;
+    one more death stops the evaluation with a DCDiTError, and so does a `TaskError` result, with its message.
 
-    `on_event` hears {"event": "shard_done", "task", "pid" (of the actor that computed it), "pids", "done",
-    "total"} and {"event": "actor_replaced", "slot", "pids"}; `pids` maps actor slots to process ids.
-    Use it as a context manager: the actors are killed on exit.
-    """
+    `failures` counts the restarted actor processes that computed a task (a restart after a death with no task
+    lost is not seen). `on_event` hears {"event": "shard_done", "task", "actor", "pid" (the process that computed
+    it), "restarted" (whether that process is a restart), "done", "total"}."""
 
-    def __init__(self, size: int, make_actor: Callable[[], Any], *, max_failures: int = 4,
-                 on_event: Callable[[dict], None] | None = None):
-        self.make_actor, self.max_failures, self.on_event = make_actor, max_failures, on_event
-        self.failures = 0
-        self.actors = [make_actor() for _ in range(size)]
-        self.generation = [0] * size  # bumped when a slot's actor is replaced
-        self.pids = dict(enumerate(ray.get([a.pid.remote() for a in self.actors])))
+    def __init__(self, size: int, worker_class: type, args: tuple = (), *, cpus: float = 1, gpus: float = 0,
+                 max_failures: int = 4, on_event: Callable[[dict], None] | None = None):
+        self.size, self.worker_class, self.args, self.on_event = size, worker_class, args, on_event
+        self.resources = {"num_cpus": cpus, "num_gpus": gpus}
+        # Ray's own retry of an actor's unfinished tasks on its restarted process (none without restarts).
+        self.fault_tolerance = {"max_restarts": max_failures, "max_task_retries": -1 if max_failures else 0}
+        self.max_failures = max_failures
+        self.restarts: set[tuple[str, int]] = set()  # (actor id, pid) of the restarted processes seen
 
-    def __enter__(self) -> ActorPool:
-        return self
+    @property
+    def failures(self) -> int:
+        return len(self.restarts)
 
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
+    def run(self, tasks: list) -> Iterator[Any]:
+        """Yield each task's result in task order (Ray Data's preserve_order), as soon as the ones before are in."""
+        with ray_data_settings(preserve_order=True):
+            rows = ray.data.from_items([{"task": i} for i in range(len(tasks))], override_num_blocks=len(tasks))
+            with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60: the deprecated route
+                warnings.simplefilter("ignore", DeprecationWarning)
+                rows = rows.map_batches(_Runner, fn_constructor_args=(tasks, self.worker_class, self.args),
+                                        batch_size=1, udf_modifying_row_count=False,
+                                        compute=ray.data.ActorPoolStrategy(size=max(1, min(self.size, len(tasks)))),
+                                        **self.resources, **self.fault_tolerance)
+            # Closed when the caller stops early (an error): Ray Data then releases the actors, which end after
+            # the task in hand (a forced kill is not public API).
+            with contextlib.closing(iter(rows.iter_rows())) as stream:
+                yield from self._results(stream, len(tasks))
 
-    def run(self, tasks: list, *, per_actor: int = 2) -> Iterator[Any]:
-        """Yield each task's result in task order; at most `per_actor` tasks wait at each actor."""
-        queue = deque(range(len(tasks)))
-        inflight: dict[Any, tuple[int, int, int, int]] = {}  # ref -> (task index, actor slot, its generation, pid)
-        load = [0] * len(self.actors)
-        done: dict[int, Any] = {}
-        next_out = 0
-        while next_out < len(tasks):
-            for depth in range(1, per_actor + 1):  # breadth first: every actor gets work before any gets two
-                for slot, actor in enumerate(self.actors):
-                    if queue and load[slot] < depth:
-                        i = queue.popleft()
-                        inflight[actor.run.remote(tasks[i])] = (i, slot, self.generation[slot], self.pids[slot])
-                        load[slot] += 1
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            i, slot, generation, pid = inflight.pop(ready[0])
-            current = generation == self.generation[slot]
-            if current:
-                load[slot] -= 1
-            try:
-                result = ray.get(ready[0])
-            except ray.exceptions.RayActorError as err:
-                queue.appendleft(i)
-                if current:
-                    self._replace(slot, err)
-                    load[slot] = 0
-                continue
-            if isinstance(result, TaskError):
-                raise DCDiTError(result.message)
-            done[i] = result
-            if self.on_event:
-                self.on_event({"event": "shard_done", "task": i, "pid": pid, "pids": dict(self.pids),
-                               "done": len(done) + next_out, "total": len(tasks)})
-            while next_out in done:
-                yield done.pop(next_out)
-                next_out += 1
+    def _results(self, stream: Iterator[dict], total: int) -> Iterator[Any]:
+        try:
+            for done, row in enumerate(stream, 1):
+                result = pickle.loads(row["result"])
+                if isinstance(result, TaskError):
+                    raise DCDiTError(result.message)
+                origin = {"actor": row["actor"], "pid": int(row["pid"]), "restarted": bool(row["restarted"])}
+                if origin["restarted"] and (origin["actor"], origin["pid"]) not in self.restarts:
+                    self.restarts.add((origin["actor"], origin["pid"]))
+                    _echo("an actor's process died; Ray restarted it and computed its shards again")
+                if self.on_event:
+                    self.on_event({"event": "shard_done", "task": int(row["task"]), **origin, "done": done,
+                                   "total": total})
+                yield result
+        except ray.exceptions.RayActorError as err:
+            detail = " ".join(str(err).split())[:200]
+            raise DCDiTError(f"evaluation actors failed ({self.max_failures} restarts allowed per actor; last: "
+                             f"{detail}); check memory and the cluster's health") from None
 
-    def _replace(self, slot: int, err: BaseException) -> None:
-        self.failures += 1
-        detail = " ".join(str(err).split())[:200]
-        if self.failures > self.max_failures:
-            raise DCDiTError(f"evaluation actors died {self.failures} times (last: {detail}); check memory and the "
-                             "cluster's health")
-        _echo(f"an actor died ({detail[:120]}); recomputing its shards on a fresh actor")
-        with contextlib.suppress(Exception):
-            ray.kill(self.actors[slot])
-        self.actors[slot] = self.make_actor()
-        self.generation[slot] += 1
-        self.pids[slot] = ray.get(self.actors[slot].pid.remote())
-        if self.on_event:
-            self.on_event({"event": "actor_replaced", "slot": slot, "pids": dict(self.pids)})
-
-    def shutdown(self) -> None:
-        for actor in self.actors:
-            with contextlib.suppress(Exception):
-                ray.kill(actor)
