@@ -16,8 +16,8 @@ from dcdit.errors import DCDiTError
 from dcdit_platform import console
 
 # Modules under dcdit_platform.commands, in the order `dcdit --help` lists them.
-COMMAND_MODULES = ("flops", "bench", "data", "train", "evaluate", "sample", "export", "fid", "sweep", "report",
-                   "quickstart", "study")
+COMMAND_MODULES = ("flops", "bench", "data", "train", "evaluate", "sample", "export", "register", "fid", "sweep",
+                   "report", "quickstart", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
-"""`dcdit sample` and `dcdit export`: a model from a checkpoint, a run (by folder or by name in a storage) or an export
-directory, then PNGs named by class and seed (with a grid and, for routed models, boundary maps), or an export.
+"""`dcdit sample` and `dcdit export`: a model from a checkpoint, a run (by folder or by name in a storage), an export
+directory or an MLflow model (models:/...), then PNGs named by class and seed (with a grid and, for routed models, boundary maps), or an export.
 
 Image (class C, seed S) is sample i = S * K + C (K = the model's classes) of evaluation's plan with base seed 0:
 its noise comes from SeedSequence([0, i]) alone, so it is the same in any batch, with any --per-class.
@@ -7,14 +7,19 @@ its noise comes from SeedSequence([0, i]) alone, so it is the same in any batch,
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
 import numpy as np
 import torch
+from mlflow import MlflowClient
+from mlflow.store.artifact.utils.models import get_model_name_and_version
 
 from dcdit.config import ModelConfig
 from dcdit.data.vae import load_vae
@@ -29,8 +34,12 @@ from dcdit_platform.evaluation.protocol import EvalConfig
 from dcdit_platform.evaluation.sources import generation_geometry
 from dcdit_platform.runs import open_checkpoint
 from dcdit_platform.storage import open_storage
+from dcdit_platform.tracking import Tracker, resolve_tracking_uri
 
 SAMPLES_DIR = "dcdit-samples"  # the default output folder, under the working directory (in .gitignore)
+MODEL_URI_PREFIX = "models:/"  # an MLflow model: models:/NAME/VERSION, models:/NAME@ALIAS, models:/m-ID
+EXPORT_ARTIFACT = "export"  # the pyfunc artifact holding the model's `dcdit export` directory
+MODEL_DOWNLOAD_TIMEOUT_S = 30.0  # how long an unreachable tracking server is retried
 
 
 @dataclass
@@ -48,8 +57,11 @@ class Source:
 
 
 def resolve(ref: str, storage: str | None = None) -> Source:
-    """CHECKPOINT_OR_RUN: an export directory, a checkpoint or run directory (local or s3://), or a run name in
-    `storage` (default: `dcdit train`'s storage)."""
+    """CHECKPOINT_OR_RUN: an export directory, a checkpoint or run directory (local or s3://), a run name in
+    `storage` (default: `dcdit train`'s storage), or an MLflow model URI (`download_model`)."""
+    if ref.startswith(MODEL_URI_PREFIX):
+        with tempfile.TemporaryDirectory(prefix="dcdit-model-") as tmp:
+            return dataclasses.replace(resolve(download_model(ref, tmp, storage)), uri=ref)
     if os.path.isdir(ref) and is_export(ref):
         exported = load_pretrained(ref)
         return Source(ref, exported.config, exported.model.state_dict(), exported.num_timesteps,
@@ -65,7 +77,30 @@ def resolve(ref: str, storage: str | None = None) -> Source:
     geometry = generation_geometry(config)
     return Source(ckpt.uri, config.model, ckpt.weights, config.diffusion.num_timesteps, geometry.num_classes,
                   geometry.vae, dict(DEFAULT_SAMPLING),
-                  {"checkpoint": ckpt.uri, "step": ckpt.step, "run_name": ckpt.run_name, "ema": ckpt.used_ema})
+                  {"checkpoint": ckpt.uri, "step": ckpt.step, "run_name": ckpt.run_name, "ema": ckpt.used_ema,
+                   "mlflow_run_id": ckpt.mlflow_run_id, "experiment": config.tracking.experiment})
+
+
+def download_model(uri: str, dst: str, storage: str | None = None) -> str:
+    """The export directory inside MLflow model `uri` (models:/NAME/VERSION, models:/m-ID, ...), downloaded into
+    `dst` from the tracking server of $MLFLOW_TRACKING_URI (else the SQLite store in `storage`)."""
+    tracking_uri = resolve_tracking_uri(None, storage or StorageSection().uri, create=False)
+    tracker = Tracker(tracking_uri, retry_timeout_s=MODEL_DOWNLOAD_TIMEOUT_S)
+
+    def download() -> str:
+        # MLflow's own models:/ resolution reads the process-wide registry URI; this one uses the given URI.
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        parts = get_model_name_and_version(client, uri)
+        location = (client.get_logged_model(parts[0]).artifact_location if len(parts) == 1
+                    else client.get_model_version_download_uri(*parts))
+        return mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=dst, tracking_uri=tracking_uri)
+
+    local = tracker.call(f"download of {uri}", download)
+    exported = Path(local) / "artifacts" / EXPORT_ARTIFACT  # where MLflow puts a pyfunc model's artifacts
+    if not is_export(exported):
+        raise DCDiTError(f"MLflow model {uri} holds no dcdit export (artifacts/{EXPORT_ARTIFACT}): it was not logged "
+                         "by `dcdit train` or `dcdit register`")
+    return str(exported)
 
 
 def export(ref: str, out_dir: str, *, diffusers: bool = False, storage: str | None = None) -> dict:
@@ -103,31 +138,18 @@ def sample(ref: str, request: SampleRequest, *, storage: str | None = None,
            echo: Callable[[str], None] = lambda text: None) -> dict:
     """Draw the requested images of CHECKPOINT_OR_RUN into PNG files; returns a summary (paths, settings)."""
     src = resolve(ref, storage)
-    plan, pairs = _plan(src, request)
+    plan = sampling_plan(src, request)
+    pairs = request_pairs(src, request)
     family = family_of(src.config)
     if request.boundaries and not family.routed:
         raise DCDiTError(f"--boundaries draws a router's boundary maps; this {family.display_name} has no router")
-    vae_name = request.vae or src.vae
-    if vae_name is None and src.config.in_channels not in (1, 3):
-        raise DCDiTError(f"this model makes {src.config.in_channels}-channel latents and names no VAE to decode "
-                         f"them; pass --vae DIR (an AutoencoderKL directory)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(src.config)
-    model.load_state_dict(src.weights)
-    model = model.to(device).eval().requires_grad_(False)
-    vae = load_vae(vae_name, device=device) if vae_name else None
+    drawer = load_drawer(src, request.vae)
     out = Path(request.out or os.path.join(SAMPLES_DIR, _name(src)))
     out.mkdir(parents=True, exist_ok=True)
-    shape = (src.config.in_channels, src.config.input_size, src.config.input_size)
-    echo(f"{len(pairs)} image(s) from {src.uri} on {device.type}: {plan.sampler} {plan.steps} steps, "
+    echo(f"{len(pairs)} image(s) from {src.uri} on {drawer.device.type}: {plan.sampler} {plan.steps} steps, "
          f"cfg {plan.cfg_scale:g}{', Lite-CFG' if plan.lite_cfg else ''}")
     files, images, maps = [], [], []
-    for start in range(0, len(pairs), request.batch_size):
-        batch = pairs[start:start + request.batch_size]
-        indices = np.array([seed * plan.num_classes + label for label, seed in batch], dtype=np.int64)
-        recorder = RoutingRecorder(model) if request.boundaries else None
-        with torch.no_grad():
-            pixels, _ = generate(recorder or model, plan, indices, shape, device=device, vae=vae)
+    for batch, pixels, recorder in drawer.draw(plan, pairs, request.batch_size, boundaries=request.boundaries):
         for k, (label, seed) in enumerate(batch):
             path = out / f"class{label:04d}_seed{seed}.png"
             _write_png(pixels[k], path)
@@ -138,8 +160,8 @@ def sample(ref: str, request: SampleRequest, *, storage: str | None = None,
     summary: dict[str, Any] = {"out": str(out), "files": files, "source": src.uri, "arch": src.config.arch,
                                "classes": list(request.classes), "seeds": sorted({s for _, s in pairs}),
                                "sampler": plan.sampler, "steps": plan.steps, "cfg_scale": plan.cfg_scale,
-                               "lite_cfg": plan.lite_cfg, "tail_drop": plan.rho, "vae": vae_name,
-                               "device": device.type, **{k: v for k, v in src.info.items() if k != "checkpoint"}}
+                               "lite_cfg": plan.lite_cfg, "tail_drop": plan.rho, "vae": drawer.vae_name,
+                               "device": drawer.device.type, **{k: v for k, v in src.info.items() if k != "checkpoint"}}
     if request.grid:
         grid = np.concatenate(images)
         summary["grid"] = str(sample_grid(grid, out / "grid.png", nrow=request.per_class if
@@ -149,8 +171,46 @@ def sample(ref: str, request: SampleRequest, *, storage: str | None = None,
     return summary
 
 
-def _plan(src: Source, request: SampleRequest):
-    """The sampling plan (evaluation's checks and construction, reused) and the (class, seed) of each image."""
+@dataclass
+class Drawer:
+    """A model loaded to draw from (with its VAE for latent models): `dcdit sample` and the MLflow pyfunc model
+    both draw through `draw`, so that the same (class, seed, settings) gives the same pixels."""
+
+    src: Source
+    model: torch.nn.Module
+    vae: Any
+    vae_name: str | None
+    device: torch.device
+
+    def draw(self, plan, pairs: Sequence[tuple[int, int]], batch_size: int, *, boundaries: bool = False):
+        """Yields (the batch's (class, seed) pairs, their uint8 HWC pixels, the RoutingRecorder or None)."""
+        cfg = self.src.config
+        shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        for start in range(0, len(pairs), batch_size):
+            batch = list(pairs[start:start + batch_size])
+            indices = np.array([seed * plan.num_classes + label for label, seed in batch], dtype=np.int64)
+            recorder = RoutingRecorder(self.model) if boundaries else None
+            with torch.no_grad():
+                pixels, _ = generate(recorder or self.model, plan, indices, shape, device=self.device, vae=self.vae)
+            yield batch, pixels, recorder
+
+
+def load_drawer(src: Source, vae: str | None = None) -> Drawer:
+    """The model of `src` in eval mode on the GPU when there is one, with the VAE (`vae`, else the source's)."""
+    vae_name = vae or src.vae
+    if vae_name is None and src.config.in_channels not in (1, 3):
+        raise DCDiTError(f"this model makes {src.config.in_channels}-channel latents and names no VAE to decode "
+                         f"them; pass --vae DIR (an AutoencoderKL directory)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(src.config)
+    model.load_state_dict(src.weights)
+    model = model.to(device).eval().requires_grad_(False)
+    return Drawer(src, model, load_vae(vae_name, device=device) if vae_name else None, vae_name, device)
+
+
+def sampling_plan(src: Source, request: SampleRequest):
+    """The sampling plan of the request's settings over the source's defaults (evaluation's checks and
+    construction, reused)."""
     settings = {**src.sampling, **{k: v for k, v in (("sampler", request.sampler), ("steps", request.steps),
                                                       ("cfg_scale", request.cfg_scale),
                                                       ("tail_drop", request.tail_drop)) if v is not None}}
@@ -164,18 +224,28 @@ def _plan(src: Source, request: SampleRequest):
         raise DCDiTError(f"--steps {proto.sample_steps} is more than the model's {src.num_timesteps} diffusion steps")
     create_diffusion(f"ddim{proto.sample_steps}" if proto.sampler == "ddim" else str(proto.sample_steps),
                      num_timesteps=src.num_timesteps)  # refuses an impossible step count before anything is drawn
-    classes = list(request.classes)
-    if not classes:
+    return proto.sampling_plan(proto.tail_drop, src.config, src.num_timesteps, src.config.num_classes)  # seed 0
+
+
+def check_pairs(src: Source, pairs: Sequence[tuple[int, int]]) -> None:
+    """Refuse a class the model does not know or a negative seed, naming it."""
+    if not pairs:
         raise DCDiTError("no class given: pass --class C [C ...]")
-    bad = [c for c in classes if not 0 <= c < src.config.num_classes]
+    bad = [c for c, _ in pairs if not 0 <= c < src.config.num_classes]
     if bad:
         raise DCDiTError(f"--class {bad[0]} is out of range: this model knows classes 0..{src.config.num_classes - 1}")
+    if min(s for _, s in pairs) < 0:
+        raise DCDiTError(f"seeds must be >= 0 (got {min(s for _, s in pairs)})")
+
+
+def request_pairs(src: Source, request: SampleRequest) -> list[tuple[int, int]]:
+    """The (class, seed) of each requested image: seeds S, S+1, ... of each class, classes in the given order."""
     if request.per_class < 1 or request.seed < 0 or request.batch_size < 1:
         raise DCDiTError(f"--per-class and --batch-size must be >= 1 and --seed >= 0 (got {request.per_class}, "
                          f"{request.batch_size}, {request.seed})")
-    plan = proto.sampling_plan(proto.tail_drop, src.config, src.num_timesteps, src.config.num_classes)  # seed 0
-    pairs = [(c, request.seed + k) for c in dict.fromkeys(classes) for k in range(request.per_class)]
-    return plan, pairs
+    pairs = [(c, request.seed + k) for c in dict.fromkeys(request.classes) for k in range(request.per_class)]
+    check_pairs(src, pairs)
+    return pairs
 
 
 def _name(src: Source) -> str:
@@ -201,4 +271,5 @@ def _boundary_maps(recorder: RoutingRecorder, pixels: np.ndarray, batch: list[tu
             for k, (label, seed) in enumerate(batch)]
 
 
-__all__ = ["Source", "SampleRequest", "resolve", "sample", "export"]
+__all__ = ["Source", "SampleRequest", "Drawer", "resolve", "sample", "export", "load_drawer", "sampling_plan",
+           "check_pairs", "download_model"]

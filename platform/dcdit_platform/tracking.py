@@ -158,6 +158,10 @@ class Tracker:
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """Any other MLflow call (`what` names it in errors) with the same retries and one-line errors."""
+        return self._call(what, fn)
+
     # --- experiments and runs -------------------------------------------------------------------------------
     def experiment_id(self, name: str) -> str:
         """The id of experiment `name`, created when missing (artifacts next to a local SQLite store)."""

@@ -15,9 +15,10 @@ def register(subparsers) -> None:
         description="Draws --per-class images of each --class into --out as class{C:04d}_seed{S}.png (seeds S, "
                     "S+1, ...). An image depends only on the model, its class, its seed and the sampling settings: "
                     "never on the batch it shares or on --per-class. CHECKPOINT_OR_RUN is a checkpoint directory, a "
-                    "run directory (its latest checkpoint; local or s3://), a run name in --storage, or a `dcdit "
-                    "export` directory (whose sampling settings are the defaults). Latent models are decoded "
-                    "through the VAE of their training data (or --vae DIR).")
+                    "run directory (its latest checkpoint; local or s3://), a run name in --storage, a `dcdit "
+                    "export` directory (whose sampling settings are the defaults), or an MLflow model "
+                    "(models:/NAME/VERSION, models:/m-ID) of $MLFLOW_TRACKING_URI's server. Latent models are "
+                    "decoded through the VAE of their training data (or --vae DIR).")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN")
     p.add_argument("--class", dest="classes", type=int, nargs="+", required=True, metavar="C",
                    help="class labels to draw, e.g. --class 207 88")

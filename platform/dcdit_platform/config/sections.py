@@ -255,6 +255,10 @@ class TrackingSection:
     parent_run_id: str | None = None  # sweeps: the parent run this run is a child of
     retry_timeout_s: float = 300.0  # how long an unreachable server is retried before the run stops
     tags: dict[str, Any] = field(default_factory=dict)  # extra run tags
+    # The final EMA weights as the run's MLflow model (a pyfunc LoggedModel holding a `dcdit export` directory): on
+    # by default, as `dcdit register` and `models:/` URIs start from it; it costs one export and one upload of the
+    # weights at the end of a run (0.x s for the test models), so sweeps of large models may turn it off.
+    log_model: bool = True
 
     def validate(self) -> None:
         if self.uri is not None:

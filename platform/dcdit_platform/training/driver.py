@@ -29,6 +29,7 @@ from dcdit.models import family_of
 from dcdit_platform import console
 from dcdit_platform.config import ExperimentConfig, check_run_name, default_run_name, science_diff
 from dcdit_platform.config.memory import STATE_BYTES_PER_PARAM, gib, machine_memory, training_memory
+from dcdit_platform.mlflow_model import log_final_model
 from dcdit_platform.raycluster import ray_session, target_address
 from dcdit_platform.runs import newest_checkpoint, read_run_record, write_run_record
 from dcdit_platform.secrets import redact, redact_config, secret_env
@@ -247,8 +248,9 @@ def run_training(plan: RunPlan, *, address: str | None = None, echo: Callable[[s
             raise
         except DCDiTError as err:
             raise fail_run(run, str(err)) from None
-    return {**finish_run(run, outcome), "ray_startup_s": round(ray_startup_s, 3),
-            "wall_s": round(time.perf_counter() - t0, 3)}
+    summary = finish_run(run, outcome)
+    _log_model(run, summary, echo or console.echo("train"))
+    return {**summary, "ray_startup_s": round(ray_startup_s, 3), "wall_s": round(time.perf_counter() - t0, 3)}
 
 
 def _check_local_resources(config: ExperimentConfig, address: str | None) -> None:
@@ -356,4 +358,13 @@ def run_local(plan: RunPlan, *, resume_from: str | None = None, echo: Callable[[
         raise
     finally:
         torch.set_num_threads(previous)
-    return finish_run(run, session.outcome)
+    summary = finish_run(run, session.outcome)
+    _log_model(run, summary, echo or console.echo("train"))
+    return summary
+
+
+def _log_model(run: OpenedRun, summary: dict, echo: Callable[[str], None]) -> None:
+    """A finished run's final EMA weights as its MLflow model (tracking.log_model), on the driver, which reads the
+    final checkpoint from the storage like any other reader."""
+    if run.plan.config.tracking.log_model and summary.get("checkpoint"):
+        log_final_model(run.tracker, run.run_id, summary["checkpoint"], summary["step"], echo)
