@@ -5,6 +5,7 @@ MLflow 3 LoggedModel linked to its run and the run's metrics) and `register` (a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -25,6 +26,7 @@ from dcdit.errors import DCDiTError
 from dcdit_platform import console
 from dcdit_platform.sampling import (EXPORT_ARTIFACT, Drawer, SampleRequest, check_pairs, export,
                                      load_drawer, resolve, sampling_plan)
+from dcdit_platform.secrets import redact
 from dcdit_platform.tracking import Tracker, TrackingUnavailable, resolve_tracking_uri
 
 MODEL_NAME = "model"  # the LoggedModel's name (MLflow 3 lists a run's models by it)
@@ -101,23 +103,34 @@ def log_model(tracker: Tracker, checkpoint: str, *, experiment_id: str, run_id: 
                 "dcdit.arch": summary["arch"]}
         model = tracker.call("create logged model", lambda: client.create_logged_model(
             experiment_id, name=MODEL_NAME, source_run_id=run_id, tags=tags, params=params, model_type=MODEL_TYPE))
-        local, code = Path(tmp) / "model", Path(tmp) / "dcdit_model.py"
-        code.write_text(MODEL_CODE)
-        with warnings.catch_warnings():  # the signature says what an input example would
-            warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
-            mlflow.pyfunc.save_model(
-                str(local), python_model=str(code), artifacts={EXPORT_ARTIFACT: summary["out"]},
-                pip_requirements=requirements(), signature=SIGNATURE,
-                mlflow_model=Model(artifact_path=model.artifact_location, run_id=run_id, model_uuid=model.model_id,
-                                   model_id=model.model_id))
-        tracker.call("log model artifacts", lambda: client.log_model_artifacts(model.model_id, str(local)))
-    if run_id:
-        output = LoggedModelOutput(model.model_id, step=int(step or 0))
-        tracker.call("link model to run", lambda: client.log_outputs(run_id, [output]))
-        link_metrics(tracker, run_id, model.model_id)
+        try:
+            _upload(tracker, model, run_id, summary["out"], Path(tmp))
+            if run_id:
+                output = LoggedModelOutput(model.model_id, step=int(step or 0))
+                tracker.call("link model to run", lambda: client.log_outputs(run_id, [output]))
+                link_metrics(tracker, run_id, model.model_id)
+        except BaseException:
+            with contextlib.suppress(Exception):  # best effort: a half-logged model says so instead of PENDING
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
     tracker.call("finalize logged model", lambda: client.finalize_logged_model(model.model_id,
                                                                                LoggedModelStatus.READY))
     return LoggedModel(model.model_id, f"models:/{model.model_id}", step)
+
+
+def _upload(tracker: Tracker, model, run_id: str | None, export_dir: str, tmp: Path) -> None:
+    """The pyfunc model directory (MLmodel naming the LoggedModel, the code file, the export as an artifact, pinned
+    requirements, the signature) written locally, then uploaded as the LoggedModel's artifacts."""
+    local, code = tmp / "model", tmp / "dcdit_model.py"
+    code.write_text(MODEL_CODE)
+    with warnings.catch_warnings():  # the signature says what an input example would
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+        mlflow.pyfunc.save_model(
+            str(local), python_model=str(code), artifacts={EXPORT_ARTIFACT: export_dir},
+            pip_requirements=requirements(), signature=SIGNATURE,
+            mlflow_model=Model(artifact_path=model.artifact_location, run_id=run_id, model_uuid=model.model_id,
+                               model_id=model.model_id))
+    tracker.call("log model artifacts", lambda: tracker.client.log_model_artifacts(model.model_id, str(local)))
 
 
 def link_metrics(tracker: Tracker, run_id: str, model_id: str) -> int:
@@ -163,8 +176,9 @@ def log_final_model(tracker: Tracker, run_id: str, checkpoint: str, step: int,
         if run_model(tracker, run_id, step) is not None:
             return None
         logged = log_model(tracker, checkpoint, experiment_id=experiment_id, run_id=run_id)
-    except DCDiTError as err:
-        console.warn("train", f"the final EMA weights were not logged as an MLflow model ({err}); "
+    except Exception as err:  # noqa: BLE001 - whatever fails here, the trained run stands and says so
+        detail = " ".join(redact(err).split())[:300] or type(err).__name__
+        console.warn("train", f"the final EMA weights were not logged as an MLflow model ({detail}); "
                               f"`dcdit register {checkpoint} --name NAME` logs and registers them")
         return None
     echo(f"logged the final EMA weights as MLflow model {logged.uri}")

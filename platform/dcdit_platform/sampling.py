@@ -1,5 +1,6 @@
 """`dcdit sample` and `dcdit export`: a model from a checkpoint, a run (by folder or by name in a storage), an export
-directory or an MLflow model (models:/...), then PNGs named by class and seed (with a grid and, for routed models, boundary maps), or an export.
+directory or an MLflow model (models:/...), then PNGs named by class and seed (with a grid and, for routed models,
+boundary maps), or an export.
 
 Image (class C, seed S) is sample i = S * K + C (K = the model's classes) of evaluation's plan with base seed 0:
 its noise comes from SeedSequence([0, i]) alone, so it is the same in any batch, with any --per-class.

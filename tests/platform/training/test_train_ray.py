@@ -166,6 +166,9 @@ def test_resume_from_an_older_checkpoint_is_exact_and_leaks_no_secret(ray_run, r
     assert run.info.status == "FINISHED" and run.data.tags["dcdit.resumed_from_step"] == "8"
     assert "resuming on-s3 from checkpoint_00000008 " in second["output"]  # the message names what was loaded
     assert run.data.params["train.steps"] == "8" and run.data.tags["dcdit.changed.train.steps"] == "12"
+    # Each start that reached its end logged its final EMA weights as a model of the run (MLflow 3 LoggedModel).
+    models = [tracker.client.get_logged_model(o.model_id) for o in run.outputs.model_outputs]
+    assert sorted(int(m.tags["dcdit.step"]) for m in models) == [8, 12]
 
     # No secret in params, tags, artifacts, the commands' output or any log of the Ray session.
     import ray
