@@ -83,20 +83,18 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from dcdit_platform.evaluation import EvalConfig, evaluate
+    from dcdit_platform import api
     from dcdit_platform.evaluation.outputs import format_table
 
-    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    cfg = EvalConfig(
-        checkpoint=args.checkpoint, num_samples=args.num_samples, workers=args.workers, sampler=args.sampler,
+    summary = api.evaluate(
+        args.checkpoint, num_samples=args.num_samples, workers=args.workers, sampler=args.sampler,
         sample_steps=args.sample_steps, cfg_scale=args.cfg_scale, tail_drop=args.tail_drop,
         tail_drop_sweep=_floats(args.tail_drop_sweep, "--tail-drop-sweep") if args.tail_drop_sweep else None,
         lite_cfg=args.lite_cfg, reference=args.reference, extractor=args.extractor, weights=args.weights,
         export_npz=args.export_npz, storage=args.storage, tracking_uri=args.tracking_uri,
         track=not args.no_tracking, address=args.address, seed=args.seed, batch_size=args.batch_size,
         shard_size=args.shard_size, reference_samples=args.reference_samples,
-        pr_reference_samples=args.pr_reference_samples, metrics=metrics)
-    summary = evaluate(cfg)
+        pr_reference_samples=args.pr_reference_samples, metrics=args.metrics)
     if args.json:
         print_json(summary)
     else:

@@ -28,9 +28,9 @@ def register(subparsers) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from dcdit_platform.sampling import export
+    from dcdit_platform import api
 
-    summary = export(args.checkpoint, args.out_dir, diffusers=args.diffusers, storage=args.storage)
+    summary = api.export(args.checkpoint, args.out_dir, diffusers=args.diffusers, storage=args.storage)
     print(f"{summary['format']} export of {summary['source']} in {summary['out']}", flush=True)
     if args.json:
         print_json(summary)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from dcdit.errors import DCDiTError
 from dcdit_platform.console import print_json
 
 
@@ -36,12 +35,11 @@ def register(subparsers) -> None:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from dcdit_platform.reports import build_report, format_summary
+    from dcdit_platform import api
+    from dcdit_platform.reports import format_summary
 
-    if args.probe_images < 2:
-        raise DCDiTError(f"--probe-images must be >= 2, got {args.probe_images}")
-    summary = build_report(args.sweep, tracking_uri=args.tracking_uri, storage=args.storage, out_dir=args.out,
-                           attach=not args.no_attach, probe=not args.no_probe, probe_images=args.probe_images)
+    summary = api.report(args.sweep, tracking_uri=args.tracking_uri, storage=args.storage, out=args.out,
+                         attach=not args.no_attach, probe=not args.no_probe, probe_images=args.probe_images)
     if args.json:
         print_json(summary)
     else:

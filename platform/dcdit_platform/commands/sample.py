@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from dcdit_platform import console
 from dcdit_platform.console import print_json
 
 
@@ -45,13 +44,12 @@ def register(subparsers) -> None:
 
 
 def sample_command(args: argparse.Namespace) -> int:
-    from dcdit_platform.sampling import SampleRequest, sample
+    from dcdit_platform import api
 
-    request = SampleRequest(classes=args.classes, per_class=args.per_class, seed=args.seed, sampler=args.sampler,
-                            steps=args.steps, cfg_scale=args.cfg_scale, lite_cfg=args.lite_cfg,
-                            tail_drop=args.tail_drop, vae=args.vae, out=args.out, grid=args.grid,
-                            boundaries=args.boundaries, batch_size=args.batch_size)
-    summary = sample(args.checkpoint, request, storage=args.storage, echo=console.echo("sample"))
+    summary = api.sample(args.checkpoint, args.classes, storage=args.storage, per_class=args.per_class,
+                         seed=args.seed, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                         lite_cfg=args.lite_cfg, tail_drop=args.tail_drop, vae=args.vae, out=args.out, grid=args.grid,
+                         boundaries=args.boundaries, batch_size=args.batch_size)
     extra = (" and grid.png" if "grid" in summary else "") + \
         (f" and {len(summary['boundary_maps'])} boundary map(s)" if "boundary_maps" in summary else "")
     print(f"{len(summary['files'])} image(s){extra} in {summary['out']}", flush=True)

@@ -37,16 +37,11 @@ def register(subparsers) -> None:
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    from dcdit_platform.sweeps import FAILED, format_table, load_sweep
+    from dcdit_platform import api
+    from dcdit_platform.sweeps import FAILED, format_table
 
-    plan = load_sweep(args.sweep, name=args.name, overrides=args.override, storage=args.storage,
-                      tracking_uri=args.tracking_uri)
-    for warning in plan.warnings:
-        console.warn("sweep", warning)
-    # Only for a sweep that validated (see dcdit_platform/sweeps/__init__.py): a bad file is reported 4 s sooner.
-    from dcdit_platform.sweeps import run_sweep
-
-    summary = run_sweep(plan, resume=args.resume, address=args.address)
+    summary = api.sweep(args.sweep, overrides=args.override, name=args.name, storage=args.storage,
+                        tracking_uri=args.tracking_uri, resume=args.resume, address=args.address)
     if args.json:
         console.print_json(summary)
     else:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import copy
 
 from dcdit.errors import DCDiTError
-from dcdit_platform.console import print_json, warn
-from dcdit_platform.secrets import REDACTED, strip_redacted
+from dcdit_platform.console import print_json
 
 
 def register(subparsers) -> None:
@@ -49,58 +47,28 @@ def _common(p: argparse.ArgumentParser, *, example: str) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from dcdit_platform.config import apply_overrides, build_config, load_yaml_tree
+    from dcdit_platform import api
 
-    tree = apply_overrides(load_yaml_tree(args.config), args.override)
-    config = build_config(_with_flags(tree, args))
-    return _run(config, name=args.name, config_path=args.config, args=args)
+    return _run(lambda: api.train(args.config, overrides=args.override, name=args.name, storage=args.storage,
+                                  tracking_uri=args.tracking_uri, address=args.address), args)
 
 
 def resume_command(args: argparse.Namespace) -> int:
-    from dcdit_platform.config import apply_overrides, build_config, check_run_name
-    from dcdit_platform.runs import read_run_record
-    from dcdit_platform.storage import open_storage
+    from dcdit_platform import api
 
-    name = check_run_name(args.name)
-    storage_uri = args.storage or "./dcdit-runs"
-    record = read_run_record(open_storage(storage_uri), name)
-    if record is None:
-        raise DCDiTError(f"no run named {name} in {storage_uri}: pass the --storage it was started with, or start "
-                         "it with `dcdit train CONFIG --name NAME`")
-    # Secret values were stored redacted: leave them unset so that credentials come from the environment again.
-    tree = strip_redacted(copy.deepcopy(record["config"]))
-    tree["storage"]["uri"] = storage_uri
-    tree = apply_overrides(tree, args.override)
-    if args.tracking_uri is None and REDACTED in str(tree.get("tracking", {}).get("uri") or ""):
-        raise DCDiTError(f"run {name} was tracked at {tree['tracking']['uri']}; its credentials are not stored, "
-                         "so pass --tracking-uri again")
-    config = build_config(_with_flags(tree, args))
-    return _run(config, name=name, config_path=record.get("config_path"), args=args)
+    return _run(lambda: api.resume(args.name, overrides=args.override, storage=args.storage,
+                                   tracking_uri=args.tracking_uri, address=args.address), args)
 
 
-def _with_flags(tree: dict, args: argparse.Namespace) -> dict:
-    """CLI flags set values directly (not through YAML parsing, which would read 'null' or 'yes' as non-strings)."""
-    tree = copy.deepcopy(tree)
-    if args.storage is not None:
-        tree.setdefault("storage", {})["uri"] = args.storage
-    if args.tracking_uri is not None:
-        tree.setdefault("tracking", {})["uri"] = args.tracking_uri
-    return tree
-
-
-def _run(config, *, name, config_path, args: argparse.Namespace) -> int:
-    from dcdit_platform.training import RunFailed, plan_run, run_training
-
-    plan = plan_run(config, name=name, config_path=config_path)
-    for warning in plan.warnings:
-        warn(args.command, warning)
+def _run(train, args: argparse.Namespace) -> int:
     try:
-        summary = run_training(plan, address=args.address)
-    except RunFailed as err:
-        if args.json:  # scripts read the failed run's summary; the error line follows on stderr
+        summary = train()
+    except DCDiTError as err:
+        # A failed run (training.RunFailed, not imported here: that would load Ray before a bad config is
+        # reported) carries its summary; scripts read it, and the error line follows on stderr.
+        if args.json and getattr(err, "summary", None) is not None:
             print_json(err.summary)
         raise
-    summary["samples"] = _samples_location(plan.tracking_uri, summary["mlflow_run_id"])
     if args.json:
         print_json(summary)
     else:
@@ -117,15 +85,3 @@ def _run(config, *, name, config_path, args: argparse.Namespace) -> int:
             lines.append(f"  see the runs: mlflow ui --backend-store-uri {summary['tracking_uri']}")
         print("\n".join(lines), flush=True)
     return 0
-
-
-def _samples_location(tracking_uri: str, run_id: str) -> str | None:
-    """Where the run's sample grids and boundary maps are (its MLflow artifacts under samples/; a local path for a
-    SQLite store), or None when it drew none (logging.artifacts_every < 0)."""
-    from dcdit_platform.tracking import Tracker
-
-    tracker = Tracker(tracking_uri, retry_timeout_s=30.0)
-    if not tracker.list_artifacts(run_id, "samples"):
-        return None
-    uri = f"{tracker.get_run(run_id).info.artifact_uri}/samples"
-    return uri.removeprefix("file://")
