@@ -5,7 +5,6 @@ unfinished tasks again there; every task fixes what it computes, so a recomputed
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import warnings
@@ -39,6 +38,22 @@ class _Runner:
         return {"task": [i], **self.origin, "result": [pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)]}
 
 
+@ray.remote(num_cpus=0, max_retries=0)
+def _execute(tasks: list, worker_class: type, args: tuple, size: int, remote_args: dict,
+             verbose: bool) -> Iterator[dict]:
+    """Ray Data's side of a run, as a Ray task streaming the rows back. The process that creates Ray Data's actors
+    logs an error line for each (their constructor argument is in the object store and they restart: ray issues
+    53727, 57733); in a worker it stays in Ray's session logs (raycluster filters it from forwarded output)."""
+    console.set_verbosity(verbose=verbose)
+    with ray_data_settings(preserve_order=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # max_restarts has no named parameter in Ray 2.60
+        rows = ray.data.from_items([{"task": i} for i in range(len(tasks))], override_num_blocks=len(tasks))
+        rows = rows.map_batches(_Runner, fn_constructor_args=(tasks, worker_class, args), batch_size=1,
+                                compute=ray.data.ActorPoolStrategy(size=size), udf_modifying_row_count=False,
+                                **remote_args)
+        yield from rows.iter_rows()
+
+
 class ActorPool:
     """`size` actors, each holding one `worker_class(*args)` (with a `run(task)` method) on `cpus` CPUs and `gpus`
     GPUs. Ray restarts an actor that dies (killed, OOM) up to `max_failures` times and reruns its unfinished tasks;
@@ -51,9 +66,9 @@ class ActorPool:
     def __init__(self, size: int, worker_class: type, args: tuple = (), *, cpus: float = 1, gpus: float = 0,
                  max_failures: int = 4, on_event: Callable[[dict], None] | None = None):
         self.size, self.worker_class, self.args, self.on_event = size, worker_class, args, on_event
-        self.resources = {"num_cpus": cpus, "num_gpus": gpus}
         # Ray's own retry of an actor's unfinished tasks on its restarted process (none without restarts).
-        self.fault_tolerance = {"max_restarts": max_failures, "max_task_retries": -1 if max_failures else 0}
+        self.remote_args = {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": max_failures,
+                            "max_task_retries": -1 if max_failures else 0}
         self.max_failures = max_failures
         self.restarts: set[tuple[str, int]] = set()  # (actor id, pid) of the restarted processes seen
 
@@ -63,18 +78,13 @@ class ActorPool:
 
     def run(self, tasks: list) -> Iterator[Any]:
         """Yield each task's result in task order (Ray Data's preserve_order), as soon as the ones before are in."""
-        with ray_data_settings(preserve_order=True):
-            rows = ray.data.from_items([{"task": i} for i in range(len(tasks))], override_num_blocks=len(tasks))
-            with warnings.catch_warnings():  # max_restarts has no named parameter in Ray 2.60: the deprecated route
-                warnings.simplefilter("ignore", DeprecationWarning)
-                rows = rows.map_batches(_Runner, fn_constructor_args=(tasks, self.worker_class, self.args),
-                                        batch_size=1, udf_modifying_row_count=False,
-                                        compute=ray.data.ActorPoolStrategy(size=max(1, min(self.size, len(tasks)))),
-                                        **self.resources, **self.fault_tolerance)
-            # Closed when the caller stops early (an error): Ray Data then releases the actors, which end after
-            # the task in hand (a forced kill is not public API).
-            with contextlib.closing(iter(rows.iter_rows())) as stream:
-                yield from self._results(stream, len(tasks))
+        stream = _execute.options(num_returns="streaming").remote(
+            tasks, self.worker_class, self.args, max(1, min(self.size, len(tasks))), self.remote_args,
+            console.is_verbose())
+        try:
+            yield from self._results((ray.get(ref) for ref in stream), len(tasks))
+        finally:
+            ray.cancel(stream)  # a run stopped early (an error) ends: Ray Data releases its actors
 
     def _results(self, stream: Iterator[dict], total: int) -> Iterator[Any]:
         try:
@@ -90,8 +100,8 @@ class ActorPool:
                     self.on_event({"event": "shard_done", "task": int(row["task"]), **origin, "done": done,
                                    "total": total})
                 yield result
-        except ray.exceptions.RayActorError as err:
-            detail = " ".join(str(err).split())[:200]
+        except ray.exceptions.RayActorError as err:  # also as the cause of _execute's RayTaskError
+            detail = " ".join(str(getattr(err, "cause", None) or err).split())[:200]
             raise DCDiTError(f"evaluation actors failed ({self.max_failures} restarts allowed per actor; last: "
                              f"{detail}); check memory and the cluster's health") from None
 
