@@ -26,7 +26,7 @@ from dcdit.errors import DCDiTError
 from dcdit_platform import console
 from dcdit_platform.sampling import (EXPORT_ARTIFACT, Drawer, SampleRequest, check_pairs, export,
                                      load_drawer, resolve, sampling_plan)
-from dcdit_platform.secrets import redact
+from dcdit_platform.secrets import REDACTED, redact
 from dcdit_platform.tracking import Tracker, TrackingUnavailable, resolve_tracking_uri
 
 MODEL_NAME = "model"  # the LoggedModel's name (MLflow 3 lists a run's models by it)
@@ -193,7 +193,11 @@ def register(ref: str, name: str, *, tracking_uri: str | None = None, storage: s
     if checkpoint is None or checkpoint != src.uri:  # an export (or models:/) names the checkpoint it came from
         raise DCDiTError(f"{ref} is not a checkpoint or run: `dcdit register` takes a checkpoint or run directory, "
                          "or a run name with --storage")
-    uri = resolve_tracking_uri(tracking_uri, checkpoint.rstrip("/").rsplit("/", 2)[0], create=False)
+    # The rule of `dcdit train`: the flag, else the run's tracking.uri (unless it held a password, which the
+    # checkpoint keeps redacted), else $MLFLOW_TRACKING_URI, else the SQLite store in the run's storage.
+    trained_with = src.info.get("tracking_uri")
+    explicit = tracking_uri or (trained_with if trained_with and REDACTED not in trained_with else None)
+    uri = resolve_tracking_uri(explicit, checkpoint.rstrip("/").rsplit("/", 2)[0], create=False)
     tracker = Tracker(uri, retry_timeout_s=REGISTER_TIMEOUT_S)
     run_id, step = src.info.get("mlflow_run_id"), src.info.get("step")
     if run_id:

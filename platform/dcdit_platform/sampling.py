@@ -34,6 +34,7 @@ from dcdit_platform.config.sections import StorageSection
 from dcdit_platform.evaluation.protocol import EvalConfig
 from dcdit_platform.evaluation.sources import generation_geometry
 from dcdit_platform.runs import open_checkpoint
+from dcdit_platform.secrets import redact
 from dcdit_platform.storage import open_storage
 from dcdit_platform.tracking import Tracker, resolve_tracking_uri
 
@@ -79,7 +80,8 @@ def resolve(ref: str, storage: str | None = None) -> Source:
     return Source(ckpt.uri, config.model, ckpt.weights, config.diffusion.num_timesteps, geometry.num_classes,
                   geometry.vae, dict(DEFAULT_SAMPLING),
                   {"checkpoint": ckpt.uri, "step": ckpt.step, "run_name": ckpt.run_name, "ema": ckpt.used_ema,
-                   "mlflow_run_id": ckpt.mlflow_run_id, "experiment": config.tracking.experiment})
+                   "mlflow_run_id": ckpt.mlflow_run_id, "experiment": config.tracking.experiment,
+                   "tracking_uri": redact(config.tracking.uri) if config.tracking.uri else None})
 
 
 def download_model(uri: str, dst: str, storage: str | None = None) -> str:

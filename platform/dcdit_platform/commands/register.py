@@ -21,8 +21,8 @@ def register(subparsers) -> None:
                    help="a checkpoint or run directory (local or s3://), or a run name in --storage")
     p.add_argument("--name", required=True, metavar="NAME", help="the registered model's name")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
-                   help="MLflow tracking server of the run (default: $MLFLOW_TRACKING_URI, else the SQLite store "
-                        "beside the run's storage)")
+                   help="MLflow tracking URI of the run (default: the run's tracking.uri, else "
+                        "$MLFLOW_TRACKING_URI, else the SQLite store in the run's storage)")
     p.add_argument("--storage", default=None, metavar="URI",
                    help="where a run name is looked up (default ./dcdit-runs)")
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary last")
