@@ -125,7 +125,7 @@ def test_register_logs_a_model_for_a_checkpoint_without_one(run, mlflow_server, 
     assert [v.source for v in versions] == [model.artifact_location] * 2
 
 
-def test_bad_input_is_one_line(run, mlflow_server, capsys, monkeypatch):
+def test_bad_input_is_one_line(run, mlflow_server, tmp_path, capsys, monkeypatch):
     root, _ = run
     monkeypatch.setattr(mlflow_model, "REGISTER_TIMEOUT_S", 0.0)
     cases = [
@@ -133,6 +133,8 @@ def test_bad_input_is_one_line(run, mlflow_server, capsys, monkeypatch):
          "no checkpoint, run or export at 'missing-run'"),
         (["register", f"{root}/tiny", "--name", "x", "--tracking-uri", f"http://127.0.0.1:{free_port()}"],
          "unreachable"),
+        (["register", f"{root}/tiny", "--name", "x", "--tracking-uri", f"sqlite:///{tmp_path}/other.db"],
+         "belongs to MLflow run"),  # a store that does not hold the run
     ]
     for args, message in cases:
         code, _, err = call(capsys, *args)
