@@ -2,7 +2,7 @@
 weights as its LoggedModel (linked to the run, its params and metrics; the artifact is the `dcdit export`
 directory); `dcdit register` versions it; a fresh process's `mlflow.pyfunc.load_model("models:/NAME/1").predict`
 draws byte for byte what `dcdit sample` writes; a checkpoint without a model is logged on registration; one-line
-errors."""
+errors; tracking.log_model: false."""
 
 from __future__ import annotations
 
@@ -143,3 +143,11 @@ def test_bad_input_is_one_line(run, mlflow_server, tmp_path, capsys, monkeypatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     code, _, err = call(capsys, "sample", "models:/no-such-model/1", "--class", "1", *FAST)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no-such-model" in err, err
+
+
+def test_tracking_log_model_false_logs_none(mlflow_server, tmp_path):
+    config = build_config(tiny_config(storage={"uri": str(tmp_path)}, train={"steps": 2}, checkpoint={"every": 2},
+                                      tracking={"uri": mlflow_server.uri, "log_model": False}))
+    summary = run_local(plan_run(config, name="nolog"))
+    assert summary["status"] == "FINISHED" and summary["step"] == 2
+    assert run_models(MlflowClient(mlflow_server.uri), summary["mlflow_run_id"]) == []
