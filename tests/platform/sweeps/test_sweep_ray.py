@@ -116,6 +116,11 @@ def check_children(client, parent, children: dict, summary: dict) -> None:
 
 # --- resume after the driver is killed ----------------------------------------------------------------------------
 
+# Long enough that a DC-DiT trial (12 steps, then the sweep's evaluation on Ray Data and the model logging) is
+# recorded while the DiT trial still trains: at 40 steps, the DiT trial won that race under load.
+DIT_STEPS = 120
+
+
 def test_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path, mlflow_server):
     """SIGKILL the driver once a DC-DiT trial finished and the (longer) DiT trial has a checkpoint; the same command
     with --resume keeps the finished trials' runs untouched and continues the others from their checkpoints in their
@@ -124,7 +129,7 @@ def test_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path
     sweep.write_text(f"_base_: {SMOKE}\n"
                      "baselines:\n"
                      "  - model: {patch_size: 2}\n"
-                     "    overrides: {train.steps: 40, checkpoint.every: 4, logging.every: 4}\n")
+                     f"    overrides: {{train.steps: {DIT_STEPS}, checkpoint.every: 8, logging.every: 4}}\n")
     storage, experiment = tmp_path / "runs", f"sweep-resume-{uuid.uuid4().hex[:6]}"
     root = storage / "smoke-sweep"
     args = sweep_args(sweep, storage, mlflow_server.uri, experiment)
@@ -175,8 +180,8 @@ def test_sweep_killed_mid_way_resumes_without_rerunning_finished_trials(tmp_path
         assert after == before[name], f"{name} was touched by the resume"
     assert children["DiT-tiny_2"].info.run_id == dit_run
     dit = summary["trials"][2]
-    assert dit["step"] == 40 and dit["resumed_from"].startswith("checkpoint_000000")  # not from scratch
-    assert [m.step for m in client.get_metric_history(dit_run, "train/loss")] == list(range(4, 41, 4))
+    assert dit["step"] == DIT_STEPS and 0 < int(dit["resumed_from"].removeprefix("checkpoint_")) < DIT_STEPS
+    assert [m.step for m in client.get_metric_history(dit_run, "train/loss")] == list(range(4, DIT_STEPS + 1, 4))
     assert all("resumed_from" not in t for t in summary["trials"] if t["name"] in finished)
     assert json.loads((root / "sweep.json").read_text())["attempts"] == 2
 
