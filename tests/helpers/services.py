@@ -113,8 +113,11 @@ class RayHead:
 
         self.token = uuid.uuid4().hex
         self.dashboard, self.gcs = free_port(), free_port()
+        # Ray gives the dashboard 60 s to start; its nine module processes took longer on the loaded 2-core machine
+        # (`ray start` failed with the dashboard's log and no error in it), so the head waits as long as start() does.
         self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                    "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{self.dashboard}"}
+                    "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{self.dashboard}",
+                    "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "180"}
         self.address, self.gcs_address = f"http://127.0.0.1:{self.dashboard}", f"127.0.0.1:{self.gcs}"
         # Short: Ray's unix sockets live below it, and socket paths are limited to ~107 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
